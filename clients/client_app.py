@@ -1,0 +1,73 @@
+"""Flower ClientApp: local training on one partition (one Freesound uploader) of the feature store.
+
+The node's partition comes from its node config (``partition-id``, set by the Simulation Engine or by
+``flower-supernode --node-config``); its clips from the run's partition plan; the settings (epochs, batch
+size, learning rate, optimizer, FedProx mu) from the server's train message.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl.config import Config, apply
+from fl.federation import CONFIG_KEY, open_store
+from fl.models import build_model
+from fl.partition import PartitionPlan
+from fl.runtime import pick_device
+from fl.train import evaluate, train_epochs
+
+app = ClientApp()
+
+
+def _setup(msg: Message, context: Context) -> tuple[Config, torch.nn.Module, int, np.ndarray, object]:
+    """Config, model with the received weights, partition id, its clips and the store."""
+    cfg = msg.content["config"]
+    config = apply(Config(), json.loads(str(cfg[CONFIG_KEY])), "train message")
+    store = open_store(str(context.node_config.get("store", cfg["store"])))
+    partition = int(context.node_config["partition-id"])
+    plan = PartitionPlan.load(str(cfg["plan"]))
+    model = build_model(config.model, store.frontend.n_mels, store.n_classes)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return config, model, partition, plan.clients[partition], store
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (so sampling is by partition, not by node id)."""
+    record = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
+    return Message(content=RecordDict({"metrics": record}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this node's clips for the configured local epochs."""
+    torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
+    config, model, partition, clips, store = _setup(msg, context)
+    cfg = msg.content["config"]
+    server_round = int(cfg["server-round"])
+    patches = store.patch_index("train", clips)
+    loss = train_epochs(model, store, "train", patches, config.train, config.federated.local_epochs,
+                        [config.seed, server_round, partition], pick_device(config.train.device),
+                        proximal_mu=float(cfg.get("proximal-mu", 0.0)))
+    model.cpu()
+    metrics = MetricRecord({"train_loss": float(loss), "num-examples": len(patches), "partition-id": partition})
+    return Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}),
+                   reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Clip-level mAP of the global model on this uploader's own validation clips (none -> 0 examples)."""
+    config, model, partition, _, store = _setup(msg, context)
+    plan = PartitionPlan.load(str(msg.content["config"]["plan"]))
+    held_out = store.uploader_clips("val", [plan.names[partition]]) if plan.method == "uploader" else []
+    metrics = {"num-examples": len(held_out), "partition-id": partition}
+    if len(held_out):
+        result = evaluate(model, store, "val", pick_device(config.train.device), clip_indices=held_out)
+        metrics["mAP"] = float(np.nan_to_num(result["mAP"]))
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

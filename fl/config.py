@@ -1,0 +1,347 @@
+"""Typed configuration loaded from TOML.
+
+One key means one thing on every path: TOML files under ``configs/``, command-line flags and Flower's
+``[tool.flwr.app.config]`` (flattened as ``section.key``) all use the same kebab-case names, which map to the
+snake_case fields of the dataclasses below. Unknown keys, wrong types and out-of-range values raise a
+:class:`ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fl.errors import ConfigError
+from fl.models import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    """Audio -> log-mel frames. Defaults follow fsd_fed / the FSD50K paper (22.05 kHz, 96 bands, 10 ms hop)."""
+
+    sample_rate: int = 22050
+    n_fft: int = 660
+    win_length: int = 0  # 0 means n_fft
+    hop_length: int = 220
+    n_mels: int = 96
+    f_min: float = 0.0
+    f_max: float = 0.0  # 0 means sample_rate / 2
+    power: float = 2.0
+    scale: str = "log"  # "log" | "linear" (linear reproduces fsd_fed's numbers)
+    log_floor: float = 1e-10
+    patch_frames: int = 101
+    patch_hop: int = 50
+    store_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        _check(self.sample_rate >= 4000, "sample-rate", "must be at least 4000")
+        _check(self.n_fft >= 16, "n-fft", "must be at least 16")
+        _check(0 <= self.win_length <= self.n_fft, "win-length", "must be between 0 and n-fft")
+        _check(self.hop_length >= 1, "hop-length", "must be at least 1")
+        _check(1 <= self.n_mels <= self.n_fft // 2 + 1, "n-mels", "must be between 1 and n-fft/2+1")
+        _check(self.f_max == 0 or self.f_min < self.f_max <= self.sample_rate / 2, "f-max",
+               "must be 0 or between f-min and sample-rate/2")
+        _check(self.power > 0, "power", "must be positive")
+        _check(self.scale in ("log", "linear"), "scale", "must be 'log' or 'linear'")
+        _check(self.log_floor > 0, "log-floor", "must be positive")
+        _check(self.patch_frames >= 1, "patch-frames", "must be at least 1")
+        _check(1 <= self.patch_hop, "patch-hop", "must be at least 1")
+        _check(self.store_dtype in ("float16", "float32"), "store-dtype", "must be 'float16' or 'float32'")
+
+    @property
+    def frames_per_second(self) -> float:
+        """Frame rate of the log-mel output."""
+        return self.sample_rate / self.hop_length
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by central training, federated clients and fine-tuning."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 5e-4
+    optimizer: str = "adam"  # "adam" | "sgd"
+    weight_decay: float = 0.0
+    patience: int = 5  # early stopping on val mAP; 0 disables
+    num_workers: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", "must be at least 1")
+        _check(self.batch_size >= 1, "batch-size", "must be at least 1")
+        _check(0 < self.lr < 10, "lr", "must be in (0, 10)")
+        _check(self.optimizer in ("adam", "sgd"), "optimizer", "must be 'adam' or 'sgd'")
+        _check(self.weight_decay >= 0, "weight-decay", "must be non-negative")
+        _check(self.patience >= 0, "patience", "must be non-negative")
+        _check(self.num_workers >= 0, "num-workers", "must be non-negative")
+        _check(self.device in ("auto", "cpu", "cuda"), "device", "must be 'auto', 'cpu' or 'cuda'")
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the train split is divided into simulated clients."""
+
+    by: str = "uploader"  # "uploader" | "iid" | "dirichlet"
+    min_clips: int = 1
+    clients: int = 10  # for iid / dirichlet
+    alpha: float = 0.5  # Dirichlet concentration
+
+    def __post_init__(self) -> None:
+        _check(self.by in ("uploader", "iid", "dirichlet"), "by", "must be 'uploader', 'iid' or 'dirichlet'")
+        _check(self.min_clips >= 1, "min-clips", "must be at least 1")
+        _check(self.clients >= 1, "clients", "must be at least 1")
+        _check(self.alpha > 0, "alpha", "must be positive")
+
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian",
+              "fedtrimmedavg", "krum")
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """Flower simulation settings (fsd_fed: C = fraction, E = local-epochs)."""
+
+    rounds: int = 5
+    fraction: float = 0.3
+    min_clients: int = 2
+    local_epochs: int = 1
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01  # FedProx
+    server_lr: float = 0.01  # FedAdam / FedYogi / FedAdagrad eta
+    server_momentum: float = 0.9  # FedAvgM
+    tau: float = 1e-3  # adaptive strategies
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    trim_beta: float = 0.2  # FedTrimmedAvg
+    num_malicious: int = 0  # Krum
+    max_update_norm: float = 1e3  # updates whose L2 distance to the global model exceeds this are rejected
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    ray_address: str = ""  # "" starts a local Ray; "auto" or host:port joins a cluster
+    supernodes: int = 0  # 0 means one supernode per client of the partition
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "rounds", "must be at least 1")
+        _check(0 < self.fraction <= 1, "fraction", "must be in (0, 1]")
+        _check(self.min_clients >= 1, "min-clients", "must be at least 1")
+        _check(self.local_epochs >= 1, "local-epochs", "must be at least 1")
+        _check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}")
+        _check(self.proximal_mu >= 0, "proximal-mu", "must be non-negative")
+        _check(self.server_lr > 0, "server-lr", "must be positive")
+        _check(0 <= self.server_momentum < 1, "server-momentum", "must be in [0, 1)")
+        _check(self.tau > 0, "tau", "must be positive")
+        _check(0 <= self.beta_1 < 1 and 0 <= self.beta_2 < 1, "beta-1", "betas must be in [0, 1)")
+        _check(0 <= self.trim_beta < 0.5, "trim-beta", "must be in [0, 0.5)")
+        _check(self.num_malicious >= 0, "num-malicious", "must be non-negative")
+        _check(self.max_update_norm > 0, "max-update-norm", "must be positive")
+        _check(0 < self.client_cpus <= 64, "client-cpus", "must be in (0, 64]")
+        _check(0 <= self.client_gpus <= 8, "client-gpus", "must be in [0, 8]")
+        _check(self.supernodes >= 0, "supernodes", "must be non-negative")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Ray Tune grid over federated parameters: ``grid`` maps a dotted key (``federated.fraction``) to values."""
+
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    max_concurrent: int = 1
+    metric: str = "mAP"
+    scheduler: str = "none"  # "none" | "asha"
+
+    def __post_init__(self) -> None:
+        _check(self.max_concurrent >= 1, "max-concurrent", "must be at least 1")
+        _check(self.scheduler in ("none", "asha"), "scheduler", "must be 'none' or 'asha'")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Streaming post-processing: hysteresis thresholds, minimum duration, refractory time."""
+
+    on_threshold: float = 0.5
+    off_threshold: float = 0.3
+    min_duration_ms: float = 30.0
+    refractory_ms: float = 200.0
+    block_size: int = 160
+
+    def __post_init__(self) -> None:
+        _check(0 < self.on_threshold < 1, "on-threshold", "must be in (0, 1)")
+        _check(0 < self.off_threshold <= self.on_threshold, "off-threshold", "must be in (0, on-threshold]")
+        _check(self.min_duration_ms >= 0, "min-duration-ms", "must be non-negative")
+        _check(self.refractory_ms >= 0, "refractory-ms", "must be non-negative")
+        _check(self.block_size >= 1, "block-size", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration of a run."""
+
+    seed: int = 0
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the type ``hint`` and return it converted (lists -> tuples, ints -> floats)."""
+    origin = typing.get_origin(hint)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint in (str, bool):
+        if not isinstance(value, hint):
+            raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
+        return value
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item, key) for v in value)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{key}: expected a table, got {value!r}")
+        return {str(k): v for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def _build(cls: type, data: Mapping[str, Any], base: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from kebab-case ``data`` over the values of ``base``."""
+    hints = typing.get_type_hints(cls)
+    by_key = {_kebab(f.name): f for f in fields(cls)}
+    values = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in by_key:
+            raise ValueError(f"{dotted}: unknown key (known: {', '.join(sorted(by_key))})")
+        f = by_key[key]
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{dotted}: expected a table [{dotted}]")
+            values[f.name] = _build(hint, value, getattr(base, f.name), f"{dotted}.")
+        else:
+            values[f.name] = _coerce(value, hint, dotted)
+    try:
+        return dataclasses.replace(base, **values)
+    except ValueError as exc:
+        raise ValueError(f"{prefix}{exc}") from None
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"train.lr": 1}`` -> ``{"train": {"lr": 1}}``."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{key}: conflicts with a value set for {part}")
+        node[parts[-1]] = value
+    return nested
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file, turning syntax errors into a one-line ConfigError naming the file."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def apply(config: Config, data: Mapping[str, Any], source: str) -> Config:
+    """Return ``config`` updated with nested kebab-case ``data``; errors name ``source`` and the key."""
+    try:
+        return _build(Config, data, config, "")
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def apply_flat(config: Config, flat: Mapping[str, Any], source: str) -> Config:
+    """Like :func:`apply` with dotted keys (``federated.rounds``), as Flower's run config and flags use."""
+    try:
+        nested = _unflatten(flat)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return apply(config, nested, source)
+
+
+def load_config(*paths: Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults, then each TOML file in order, then dotted ``overrides`` (from command-line flags)."""
+    config = Config()
+    for path in paths:
+        if path is not None:
+            config = apply(config, read_toml(Path(path)), str(path))
+    if overrides:
+        config = apply_flat(config, {k: v for k, v in overrides.items() if v is not None}, "command line")
+    return config
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Nested kebab-case dict of a config dataclass, as written to TOML/JSON (tuples become lists)."""
+
+    def convert(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {_kebab(f.name): convert(getattr(value, f.name)) for f in fields(value)}
+        if isinstance(value, tuple | list):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(config)
+
+
+def frontend_from_dict(data: Mapping[str, Any], source: str = "store") -> FrontendConfig:
+    """Rebuild a FrontendConfig from its kebab-case dict (as stored in a feature store or bundle)."""
+    try:
+        return _build(FrontendConfig, data, FrontendConfig(), "frontend.")
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def model_from_dict(data: Mapping[str, Any], source: str = "model file") -> ModelConfig:
+    """Rebuild a ModelConfig from its kebab-case dict."""
+    try:
+        return _build(ModelConfig, data, ModelConfig(), "model.")
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def write_resolved(config: Config, path: Path) -> None:
+    """Record the fully resolved configuration of a run (JSON, kebab-case keys)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

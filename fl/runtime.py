@@ -1,0 +1,52 @@
+"""Process-wide settings: where Flower and Ray write, telemetry off, logging, device choice."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("fedsound")
+
+
+def configure_environment(workdir: Path) -> None:
+    """Keep Flower and Ray out of the home folder and turn Flower's telemetry and auto-installs off.
+
+    Ray's socket paths must stay under ~100 characters, so its temporary folder is the workdir's ``ray``
+    folder when that path is short, else a per-user folder in the system temp dir.
+    """
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FLWR_HOME", str(workdir / ".flwr"))
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    ray_tmp = workdir / "ray"
+    if len(str(ray_tmp)) > 40:
+        ray_tmp = Path(tempfile.gettempdir()) / f"fedsound-ray-{os.getuid()}"
+    ray_tmp.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("RAY_TMPDIR", str(ray_tmp))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_RESULT_DIR", str(workdir / "ray_results"))
+
+
+def configure_logging(verbosity: int) -> None:
+    """-q -> warnings only, default -> info, -v -> debug."""
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedsound").setLevel(level)
+    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
+
+
+def pick_device(setting: str = "auto") -> torch.device:
+    """``auto`` uses a GPU when one is present; ``cuda`` without a GPU is a clear error."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        from fl.errors import ConfigError
+
+        raise ConfigError("train.device: 'cuda' asked for but no GPU is available")
+    if setting == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")

@@ -1,0 +1,116 @@
+"""Flower ServerApp: seeded sampling by partition, checked updates, global evaluation, resumable rounds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fl.config import Config, to_dict
+from fl.federation import CONFIG_KEY, RunSettings, open_store, settings_from_run_config, update_problem
+from fl.model_io import save_model
+from fl.partition import PartitionPlan
+from fl.rundir import RunDir, plot_curves
+from fl.runtime import pick_device
+from fl.store import FeatureStore
+from fl.train import evaluate, model_extra, new_model
+from server.strategy import SampledGrid, build_strategy, restore_strategy_state, sample_partitions, strategy_state
+
+app = ServerApp()
+log = logging.getLogger("fedsound.server")
+REPLY_TIMEOUT_S = 3600.0
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the configured number of rounds (continuing a checkpoint when asked)."""
+    run_federated(grid, settings_from_run_config(context.run_config))
+
+
+def evaluate_global(model: torch.nn.Module, store: FeatureStore, config: Config) -> dict:
+    """Clip-level metrics of the global model on the val split (same as ``fedsound evaluate``)."""
+    return evaluate(model, store, "val", pick_device(config.train.device))
+
+
+def map_partitions(grid: Grid) -> dict[int, int]:
+    """Ask every node which partition it holds: partition id -> node id."""
+    node_ids = list(grid.get_node_ids())
+    messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
+    mapping = {}
+    for reply in grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S):
+        if not reply.has_error():
+            mapping[int(reply.content["metrics"]["partition-id"])] = reply.metadata.src_node_id
+    return mapping
+
+
+def run_federated(grid: Grid, settings: RunSettings) -> None:
+    """The round loop: sample -> train on clients -> check updates -> aggregate -> evaluate -> checkpoint."""
+    config, run = settings.config, RunDir(settings.out)
+    store = open_store(str(settings.store))
+    plan = PartitionPlan.load(settings.plan)
+    strategy = build_strategy(config)
+    model = new_model(config, store)
+    start = 1
+    if settings.resume:
+        ckpt = run.load_checkpoint()
+        model.load_state_dict(ckpt["model"])
+        restore_strategy_state(strategy, ckpt["strategy"])
+        start = int(ckpt["round"]) + 1
+        run.truncate(start - 1, "round")
+        log.info("resuming %s at round %d", settings.out, start)
+    arrays = ArrayRecord(model.state_dict())
+    nodes = map_partitions(grid)
+    missing = [p for p in range(plan.n_clients) if p not in nodes]
+    if missing:
+        raise RuntimeError(f"{len(missing)} partition(s) have no node (e.g. {missing[:5]}); "
+                           "run one supernode per partition")
+    train_config = {CONFIG_KEY: json.dumps(to_dict(config)), "store": str(settings.store), "plan": str(settings.plan)}
+    for server_round in range(start, config.federated.rounds + 1):
+        started = time.perf_counter()
+        sampled = sample_partitions(plan.n_clients, config.federated.fraction, config.federated.min_clients,
+                                    config.seed, server_round)
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)),
+                                            SampledGrid(grid, [nodes[p] for p in sampled]))
+        replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
+        reference = {k: np.asarray(v) for k, v in arrays.to_torch_state_dict().items()}
+        good, rejected, failed = [], [], 0
+        for reply in replies:
+            if reply.has_error():
+                failed += 1
+                log.warning("round %d: node %d failed: %s", server_round, reply.metadata.src_node_id,
+                            reply.error.reason.splitlines()[0] if reply.error.reason else "?")
+                continue
+            update = {k: np.asarray(v) for k, v in reply.content["arrays"].to_torch_state_dict().items()}
+            problem = update_problem(reference, update, config.federated.max_update_norm)
+            partition = int(reply.content["metrics"]["partition-id"])
+            if problem:
+                rejected.append(partition)
+                log.warning("round %d: rejected update of partition %d: %s", server_round, partition, problem)
+            else:
+                good.append((partition, reply))
+        good.sort(key=lambda item: item[0])  # fixed aggregation order -> identical weights for one seed
+        new_arrays, train_metrics = (strategy.aggregate_train(server_round, [r for _, r in good]) if good
+                                     else (None, None))
+        if new_arrays is not None:
+            arrays = new_arrays
+        model.load_state_dict(arrays.to_torch_state_dict())
+        metrics = evaluate_global(model, store, config)
+        record = {"round": server_round, **{k: metrics[k] for k in ("mAP", "dprime", "lwlrap", "micro_pr_auc")},
+                  "train_loss": float(train_metrics["train_loss"]) if train_metrics else None,
+                  "clients_sampled": sampled, "clients_rejected": rejected, "clients_failed": failed,
+                  "seconds": time.perf_counter() - started}
+        run.append(record)
+        run.save_checkpoint({"model": model.state_dict(), "round": server_round, "seed": config.seed,
+                             "strategy": strategy_state(strategy)})
+        log.info("round %d: val mAP %.4f, %d clients (%d rejected, %d failed)", server_round, metrics["mAP"],
+                 len(sampled), len(rejected), failed)
+    save_model(run.model_path, model, extra=model_extra(store))
+    baseline = RunDir(settings.central).records() if settings.central else None
+    plot_curves(run.records(), run.plot_path, "round",
+                f"{config.federated.strategy} C={config.federated.fraction} E={config.federated.local_epochs}",
+                baseline=baseline)
