@@ -15,7 +15,6 @@ import csv
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -67,10 +66,15 @@ def _band_gain(freqs: np.ndarray, low: float, high: float, order: int = 4) -> np
     return highpass * lowpass
 
 
+def _fast_size(n: int) -> int:
+    return sfft.next_fast_len(n, real=True)
+
+
 def _band_filter(signal: np.ndarray, rate: int, low: float, high: float) -> np.ndarray:
-    spectrum = sfft.rfft(signal)
-    spectrum *= _band_gain(sfft.rfftfreq(signal.size, 1.0 / rate), low, high)
-    return sfft.irfft(spectrum, signal.size)
+    size = _fast_size(signal.size)
+    spectrum = sfft.rfft(signal, size)
+    spectrum *= _band_gain(sfft.rfftfreq(size, 1.0 / rate), low, high)
+    return sfft.irfft(spectrum, size)[: signal.size]
 
 
 def _band_noise(rng: np.random.Generator, n: int, rate: int, band: Range) -> np.ndarray:
@@ -253,9 +257,10 @@ class NoiseTexture:
             signs = rng.choice([-1.0, 1.0], count)
             spikes[rng.integers(0, n, count)] = rng.lognormal(0.0, 0.6, count) * signs
             kernel = np.exp(-np.arange(int(6 * self.grain_decay * rate) + 1) / (self.grain_decay * rate))
-            spectrum = sfft.rfft(spikes) * sfft.rfft(kernel, n)
-            spectrum *= _band_gain(sfft.rfftfreq(n, 1.0 / rate), *self.grain_band)
-            grains = sfft.irfft(spectrum, n)
+            size = _fast_size(n + kernel.size)
+            spectrum = sfft.rfft(spikes, size) * sfft.rfft(kernel, size)
+            spectrum *= _band_gain(sfft.rfftfreq(size, 1.0 / rate), *self.grain_band)
+            grains = sfft.irfft(spectrum, size)[:n]
             out += self.grain_level * grains / (np.sqrt(np.mean(grains**2)) + 1e-12)
         if self.hum_level > 0:
             f = _uniform(rng, self.hum)
@@ -444,7 +449,8 @@ SYNTH_VOCABULARY: tuple[SynthClass, ...] = (
     SynthClass("Mechanical_fan", "/m/02x984l", NoiseTexture(
         band=(150, 2500), am_rate=(18, 35), am_depth=0.25, hum=(90, 180), hum_level=0.4)),
     SynthClass("Trumpet", "/m/07gql", HarmonicNotes(
-        f0=(230, 700), note=(0.2, 0.6), gap=(0.03, 0.1), harmonics=30, rolloff=0.5, attack=0.03)),
+        f0=(350, 900), note=(0.15, 0.45), gap=(0.05, 0.15), harmonics=30, rolloff=0.4, contour="rise",
+        contour_depth=1.03, attack=0.03)),
     SynthClass("Whoosh_and_swoosh_and_swish", "/m/07rqsjt", Sweeps(
         f_start=(300, 700), f_end=(3000, 6000), length=(0.3, 0.6), gap=(0.15, 0.45),
         noise_bandwidth=600)),
@@ -452,8 +458,8 @@ SYNTH_VOCABULARY: tuple[SynthClass, ...] = (
         freq=(2000, 4500), decay=0.008, period=(0.06, 0.22), noise=0.6, noise_band=(1500, 7000))),
     SynthClass("Idling", "/m/07pb8fc", Pulsed(pulse_rate=(22, 40), duty=0.35, band=(60, 1500))),
     SynthClass("Organ", "/m/013y1f", HarmonicNotes(
-        f0=(130, 330), note=(0.8, 2.0), gap=(0.0, 0.03), harmonics=12, rolloff=1.3,
-        voices=(1.0, 1.26, 1.5), attack=0.05)),
+        f0=(260, 520), note=(0.8, 2.0), gap=(0.0, 0.03), harmonics=12, rolloff=1.3,
+        voices=(1.0, 1.26, 1.5, 2.0), attack=0.05)),
     SynthClass("Frog", "/m/09ld4", Pulsed(
         pulse_rate=(10, 18), duty=0.5, f0=(180, 350), harmonics=10, rolloff=0.8, burst_on=(0.25, 0.5),
         burst_off=(0.15, 0.4))),
@@ -486,7 +492,7 @@ SYNTH_VOCABULARY: tuple[SynthClass, ...] = (
         f_start=(40, 60), f_end=(120, 200), length=(1.0, 2.0), gap=(0.05, 0.3), harmonics=40,
         rolloff=0.9)),
     SynthClass("Wind_chime", "/m/026fgl", StruckPartials(
-        f0=(1200, 1800), ratios=(1.0, 2.76), decay=0.9, period=(0.08, 0.3),
+        f0=(1900, 2600), ratios=(1.0, 2.76), decay=0.9, period=(0.06, 0.2),
         pitches=(1.0, 1.125, 1.25, 1.5, 1.667))),
     SynthClass("Female_singing", "/t/dd00004", HarmonicNotes(
         f0=(220, 520), note=(0.5, 1.2), gap=(0.02, 0.1), harmonics=20, rolloff=1.1, vibrato=(5.5, 0.03),
@@ -502,8 +508,8 @@ SYNTH_VOCABULARY: tuple[SynthClass, ...] = (
         band=(2500, 10000), am_rate=(0.2, 0.5), am_depth=0.2, grain_rate=150, grain_band=(2000, 9000),
         grain_decay=0.002, grain_level=2.0)),
     SynthClass("Drill", "/m/01d380", HarmonicNotes(
-        f0=(280, 450), note=(0.8, 2.0), gap=(0.1, 0.3), harmonics=25, rolloff=0.9, contour="rise",
-        contour_depth=1.1, breath=0.2)),
+        f0=(300, 450), note=(0.8, 2.0), gap=(0.1, 0.3), harmonics=25, rolloff=0.6, contour="rise",
+        contour_depth=1.2, breath=0.4, odd_only=True)),
 )  # fmt: skip
 
 
@@ -542,10 +548,10 @@ class _Uploader:
 
     def chain_gain(self, freqs: np.ndarray) -> np.ndarray:
         """Magnitude response of the uploader's microphone chain (tilt and band limits)."""
-        safe = np.maximum(freqs, 20.0)
-        gain = (safe / 1000.0) ** (self.tilt_db_per_octave / (20 * np.log10(2)))
-        gain /= np.sqrt(1.0 + (self.highpass_hz / safe) ** 4)
-        return gain / np.sqrt(1.0 + (safe / self.lowpass_hz) ** 8)
+        safe = np.maximum(freqs, freqs.dtype.type(20.0))
+        gain = (safe / 1000.0) ** freqs.dtype.type(self.tilt_db_per_octave / (20 * np.log10(2)))
+        gain /= np.sqrt(1.0 + (freqs.dtype.type(self.highpass_hz) / safe) ** 4)
+        return gain / np.sqrt(1.0 + (safe / freqs.dtype.type(self.lowpass_hz)) ** 8)
 
 
 def _make_uploader(seed: int, index: int, name: str, n_classes: int) -> _Uploader:
@@ -593,26 +599,28 @@ def _heavy_tailed_counts(rng: np.random.Generator, total: int, uploaders: int) -
 def _record(dry: np.ndarray, uploader: _Uploader, rng: np.random.Generator) -> np.ndarray:
     """Recording chain at SYNTH_RATE in, OUTPUT_RATE out: reverb, mic response, background, hum, gain."""
     n = dry.size
+    gain = 10 ** (uploader.gain_db / 20 + rng.normal(0.0, 1.5) / 20)
     if uploader.hum_hz > 0:
-        t = np.arange(n) / SYNTH_RATE
-        hum = sum(np.sin(2 * np.pi * k * uploader.hum_hz * t) / k for k in (1, 2, 3))
-        dry = dry + 10 ** (uploader.hum_dbfs / 20) * hum / 10 ** (uploader.gain_db / 20)
-    nfft = sfft.next_fast_len(n + uploader.impulse_response.size, real=True)
-    nfft += nfft % 2
-    spectrum = sfft.rfft(dry, nfft)
-    spectrum *= 1.0 + uploader.reverb_wet * sfft.rfft(uploader.impulse_response, nfft)
-    spectrum *= uploader.chain_gain(sfft.rfftfreq(nfft, 1.0 / SYNTH_RATE))
-    spectrum[-1] = 0.0
-    # Upsample by zero-padding the spectrum, and add the background noise over the full output band.
-    out_len = 2 * nfft
-    out_spectrum = np.zeros(out_len // 2 + 1, dtype=complex)
-    out_spectrum[: spectrum.size] = 2.0 * spectrum * 10 ** (uploader.gain_db / 20 + rng.normal(0, 1.5) / 20)
-    freqs = sfft.rfftfreq(out_len, 1.0 / OUTPUT_RATE)
-    colour = np.maximum(freqs, 20.0) ** (-uploader.noise_colour / 2) * uploader.chain_gain(freqs)
-    colour /= np.sqrt(np.mean(colour**2))
-    noise = rng.standard_normal(freqs.size) + 1j * rng.standard_normal(freqs.size)
-    out_spectrum += noise * colour * np.sqrt(out_len / 2) * 10 ** (uploader.noise_dbfs / 20)
-    audio = sfft.irfft(out_spectrum, out_len)[: 2 * n]
+        hum = _tone(np.full(n, uploader.hum_hz), SYNTH_RATE, np.array([1.0, 0.5, 0.33]), rng)
+        dry = dry + 10 ** (uploader.hum_dbfs / 20) / gain * hum
+    half = _fast_size(n + uploader.impulse_response.size)
+    half += half % 2
+    # The output grid (2 * half points at OUTPUT_RATE) has the same bin spacing as the synthesis grid
+    # (half points at SYNTH_RATE): upsampling is zero-padding the spectrum.
+    size = 2 * half
+    # Single precision halves the FFT cost; 16-bit output needs no more.
+    freqs = sfft.rfftfreq(size, 1.0 / OUTPUT_RATE).astype(np.float32)
+    chain = uploader.chain_gain(freqs)
+    spectrum = np.zeros(freqs.size, dtype=np.complex64)
+    room = sfft.rfft(uploader.impulse_response.astype(np.float32), half)
+    spectrum[: half // 2 + 1] = sfft.rfft(dry.astype(np.float32), half) * (1.0 + uploader.reverb_wet * room)
+    spectrum[half // 2] = 0.0
+    spectrum *= np.float32(2.0 * gain) * chain
+    colour = np.maximum(freqs, 20.0) ** np.float32(-uploader.noise_colour / 2) * chain
+    colour *= np.float32(np.sqrt(size / 2 / np.mean(colour**2)) * 10 ** (uploader.noise_dbfs / 20))
+    noise = rng.standard_normal((2, freqs.size), dtype=np.float32)
+    spectrum += colour * (noise[0] + 1j * noise[1])
+    audio = sfft.irfft(spectrum, size)[: 2 * n]
     peak = float(np.max(np.abs(audio)))
     return audio * (0.99 / peak) if peak > 0.99 else audio
 
@@ -762,8 +770,9 @@ def synthesize_corpus(
     Classes are the first ``n_classes`` entries of :data:`SYNTH_VOCABULARY`; the defaults give about
     35 minutes of audio. Eval uploaders are disjoint from dev uploaders; dev is split into train and val
     by clip. Every class occurs in train, val and eval whenever that split has at least ``n_classes`` clips.
-    ``out`` must not exist or be an empty directory; the corpus is written next to it and moved into place
-    only when complete. Raises ConfigError for impossible sizes and DataError for an unusable ``out``.
+    ``out`` must not exist or be an empty directory; the corpus is written to ``.<out name>.partial`` beside
+    it and moved into place only when complete. Raises ConfigError for impossible sizes and DataError for
+    an unusable ``out``.
     """
     out = Path(out)
     _validate(n_clips, n_uploaders, n_classes, eval_fraction, val_fraction)
@@ -772,15 +781,18 @@ def synthesize_corpus(
     uploaders, clips, n_dev_uploaders = _plan(
         n_clips, n_uploaders, n_classes, seed, eval_fraction, val_fraction
     )
-    chosen = sorted(SYNTH_VOCABULARY[:n_classes], key=lambda c: c.label)  # FSD50K sorts its vocabulary
-    order = [SYNTH_VOCABULARY.index(c) for c in chosen]
-    position = {table_index: i for i, table_index in enumerate(order)}
-    # labels in _Clip index the first n_classes table rows; map them to the sorted vocabulary
+    # The plan labels rows of the table; FSD50K's vocabulary.csv is sorted by label, so re-index.
+    order = sorted(range(n_classes), key=lambda row: SYNTH_VOCABULARY[row].label)
+    chosen = [SYNTH_VOCABULARY[row] for row in order]
+    position = {row: i for i, row in enumerate(order)}
     for clip in clips:
-        clip.labels = [position[lab] for lab in clip.labels]
+        clip.labels = [position[row] for row in clip.labels]
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():  # left behind by an interrupted run of this function
+        shutil.rmtree(staging)
+    staging.mkdir()
     try:
         _write_tree(staging, clips, uploaders, chosen, seed, progress)
         if out.exists():

@@ -136,11 +136,11 @@ def run_train_bench(out_json: Path | None, quick: bool = False, progress: bool =
                     device: str = "cpu") -> dict[str, Any]:
     """Benchmark the models (see the module docstring); print a table, write JSON to ``out_json`` if given.
 
-    ``quick`` uses a batch of 4 and a few iterations (for tests); otherwise a batch of 64, 5 timed training
+    ``quick`` uses a batch of 2 and a few iterations (for tests); otherwise a batch of 64, 5 timed training
     and inference iterations and 2000 streaming steps. ``device`` is used for training and inference; the
     streaming step always runs on one CPU thread.
     """
-    batch, iters, steps = (4, 1, 20) if quick else (64, 5, 2000)
+    batch, iters, steps = (2, 1, 10) if quick else (64, 5, 2000)
     dev = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, PATCH_FRAMES, N_MELS, generator=generator).to(dev)

@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
                         help="no progress bars, warnings only")
 
-    parser = argparse.ArgumentParser(prog="fedsound", description="Federated sound event detection on FSD50K with Flower and Ray.")
+    parser = argparse.ArgumentParser(
+        prog="fedsound", description="Federated sound event detection on FSD50K with Flower and Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Callable, help_: str, parent=sub) -> argparse.ArgumentParser:

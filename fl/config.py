@@ -177,6 +177,8 @@ class DetectorConfig:
     min_duration_ms: float = 30.0
     refractory_ms: float = 200.0
     block_size: int = 160
+    # label -> [on, off]: per-class thresholds replacing on-threshold / off-threshold for that label
+    class_thresholds: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(0 < self.on_threshold < 1, "on-threshold", "must be in (0, 1)")
@@ -184,6 +186,12 @@ class DetectorConfig:
         _check(self.min_duration_ms >= 0, "min-duration-ms", "must be non-negative")
         _check(self.refractory_ms >= 0, "refractory-ms", "must be non-negative")
         _check(self.block_size >= 1, "block-size", "must be at least 1")
+        for label, pair in self.class_thresholds.items():
+            key = f"class-thresholds.{label!r}"
+            _check(isinstance(pair, list | tuple) and len(pair) == 2
+                   and all(isinstance(v, int | float) and not isinstance(v, bool) for v in pair),
+                   key, f"must be a list [on, off] of two numbers, got {pair!r}")
+            _check(0 < pair[1] <= pair[0] < 1, key, f"needs 0 < off <= on < 1, got {list(pair)!r}")
 
 
 @dataclass(frozen=True)

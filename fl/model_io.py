@@ -10,6 +10,7 @@ Layout (format ``fedsound-model``, version 1)::
 from __future__ import annotations
 
 import io
+import numbers
 import os
 import pickle
 import zipfile
@@ -18,6 +19,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,25 +31,34 @@ FORMAT = "fedsound-model"
 VERSION = 1
 # Fields that change the weights or the meaning of the outputs; dropout is a training setting only.
 ARCHITECTURE_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.name != "dropout")
-_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 
 
 class ModelFileError(DataError):
     """A model file is missing, not a fedsound model, or does not fit the expected architecture."""
 
 
-def _check_plain(value: Any, where: str) -> None:
-    """Raise if ``value`` holds anything ``torch.load(weights_only=True)`` could not read back."""
+def _plain(value: Any, where: str) -> Any:
+    """Copy of ``value`` in builtin types only (numpy scalars become int/float/str), so that
+    ``torch.load(weights_only=True)`` can read it back; anything else raises naming ``where``."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if value is None or isinstance(value, bool | np.bool_):
+        return None if value is None else bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
     if isinstance(value, Mapping):
-        for key, item in value.items():
+        for key in value:
             if not isinstance(key, str):
                 raise ModelFileError(f"{where}: key {key!r} is not a string")
-            _check_plain(item, f"{where}[{key!r}]")
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]")
-    elif not isinstance(value, _PLAIN):
-        raise ModelFileError(f"{where}: type {type(value).__name__} cannot be stored (use plain types)")
+        return {str(key): _plain(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        items = [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if isinstance(value, tuple) else items
+    raise ModelFileError(f"{where}: type {type(value).__name__} cannot be stored (plain types, tensors)")
 
 
 def save_model(path: Path, model: nn.Module, extra: dict | None = None) -> None:
@@ -57,8 +68,7 @@ def save_model(path: Path, model: nn.Module, extra: dict | None = None) -> None:
     half-written.
     """
     path = Path(path)
-    extra = dict(extra or {})
-    _check_plain(extra, f"cannot save {path}: extra")
+    extra = _plain(dict(extra or {}), f"cannot save {path}: extra")
     payload = {
         "format": FORMAT,
         "version": VERSION,

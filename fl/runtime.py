@@ -36,7 +36,7 @@ def configure_environment(workdir: Path) -> None:
 def configure_logging(verbosity: int) -> None:
     """-q -> warnings only, default -> info, -v -> debug."""
     level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedsound").setLevel(level)
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler
 

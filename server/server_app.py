@@ -17,6 +17,7 @@ from fl.model_io import save_model
 from fl.partition import PartitionPlan
 from fl.rundir import RunDir, plot_curves
 from fl.runtime import pick_device
+from fl.simulate import build_partition
 from fl.store import FeatureStore
 from fl.train import evaluate, model_extra, new_model
 from server.strategy import SampledGrid, build_strategy, restore_strategy_state, sample_partitions, strategy_state
@@ -51,6 +52,10 @@ def map_partitions(grid: Grid) -> dict[int, int]:
 def run_federated(grid: Grid, settings: RunSettings) -> None:
     """The round loop: sample -> train on clients -> check updates -> aggregate -> evaluate -> checkpoint."""
     config, run = settings.config, RunDir(settings.out)
+    if not (run.path / "config.json").exists():  # `flwr run .` path: nothing prepared the run directory
+        run.start(config, settings.resume)
+    if not settings.plan.exists():
+        build_partition(settings.store, config, settings.plan)
     store = open_store(str(settings.store))
     plan = PartitionPlan.load(settings.plan)
     strategy = build_strategy(config)

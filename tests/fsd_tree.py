@@ -94,21 +94,25 @@ def _write_csv(path: Path, header: list[str] | None, rows: list[list[str]]) -> N
         writer.writerows(rows)
 
 
-def write_fsd_tree(root: Path, clips: list[TreeClip], vocabulary=VOCABULARY) -> Path:
+def write_fsd_tree(
+    root: Path, clips: list[TreeClip], vocabulary: tuple[tuple[str, str], ...] = VOCABULARY
+) -> Path:
     """Write ``clips`` as an FSD50K release tree under ``root`` (created) and return ``root``."""
     root = Path(root)
     truth, meta = root / "FSD50K.ground_truth", root / "FSD50K.metadata"
     for folder in (truth, meta, *(root / d for d in AUDIO_DIRS.values())):
         folder.mkdir(parents=True, exist_ok=True)
     mids = dict(vocabulary)
-    _write_csv(truth / "vocabulary.csv", None, [[str(k), label, mid] for k, (label, mid) in enumerate(vocabulary)])
+    vocab_rows = [[str(k), label, mid] for k, (label, mid) in enumerate(vocabulary)]
+    _write_csv(truth / "vocabulary.csv", None, vocab_rows)
     rows: dict[str, list[list[str]]] = {"dev": [], "eval": []}
     infos: dict[str, dict[str, dict]] = {"dev": {}, "eval": {}}
     for clip in clips:
         if clip.wave is not None:
             sf.write(audio_path(root, clip), clip.wave, clip.rate, subtype=clip.subtype, format="WAV")
         if clip.listed:
-            row = [clip.fname, ",".join(clip.labels), ",".join(mids.get(lab, "/m/unknown") for lab in clip.labels)]
+            clip_mids = ",".join(mids.get(lab, "/m/unknown") for lab in clip.labels)
+            row = [clip.fname, ",".join(clip.labels), clip_mids]
             rows[clip.part].append(row + ([clip.split] if clip.part == "dev" else []))
         entry = {"title": f"{clip.fname}.wav", "tags": ["test"], "license": "CC0"}
         if clip.uploader:

@@ -1,0 +1,162 @@
+"""Per-frame class probabilities -> sound events: hysteresis, minimum duration, refractory time.
+
+For each class independently (frame ``t`` lies at ``t * frame_s`` seconds, the centre of its window):
+
+* A candidate starts at the first frame whose probability reaches the class's **on** threshold, unless the
+  class is in its refractory time. Its onset is that frame's time.
+* The candidate lasts while the probability stays at or above the **off** threshold (hysteresis). Once it has
+  lasted ``min_duration_ms`` (counting its frames, at least one), it is confirmed and an ``onset`` event is
+  emitted at once: the detector does not wait for the sound to end. A candidate that falls below the off
+  threshold before that is dropped without an event.
+* The first frame below the off threshold ends a confirmed event: an ``offset`` event is emitted with the
+  event's ``offset_s`` (that frame's time) and its peak ``score``. No new candidate of that class may start
+  within ``refractory_ms`` after the offset.
+
+So every detected sound gives two JSON lines: ``"type": "onset"`` (the trigger, lowest latency; its
+``offset_s`` is null) and ``"type": "offset"`` (the same event completed). Both carry ``label``,
+``onset_s``, ``score`` and ``latency_ms``, the detection latency: the audio time at which the onset event
+was emitted minus ``onset_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from fl.config import DetectorConfig
+from fl.errors import ConfigError
+
+_IDLE, _PENDING, _ACTIVE = 0, 1, 2
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event line. ``type`` is "onset" (emitted when confirmed) or "offset" (emitted when it ended)."""
+
+    type: str
+    label: str
+    onset_s: float
+    offset_s: float | None
+    score: float
+    latency_ms: float
+    emitted_s: float  # audio time at which this line was emitted
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with times rounded to 0.1 ms and the score to 4 decimals."""
+        data = asdict(self)
+        for key in ("onset_s", "offset_s", "emitted_s"):
+            if data[key] is not None:
+                data[key] = round(data[key], 4)
+        data["score"] = round(data["score"], 4)
+        data["latency_ms"] = round(data["latency_ms"], 1)
+        return data
+
+    def to_json(self) -> str:
+        """The event as one JSON line (no newline)."""
+        return json.dumps(self.to_dict())
+
+
+def class_thresholds(labels: Sequence[str], settings: DetectorConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class (on, off) threshold arrays: the defaults of ``settings`` with its ``class-thresholds``.
+
+    A label in ``class-thresholds`` that is not one of ``labels`` is a :class:`ConfigError`.
+    """
+    on = np.full(len(labels), settings.on_threshold, dtype=np.float32)
+    off = np.full(len(labels), settings.off_threshold, dtype=np.float32)
+    index = {label: i for i, label in enumerate(labels)}
+    for label, (on_value, off_value) in settings.class_thresholds.items():
+        if label not in index:
+            raise ConfigError(
+                f"detector.class-thresholds: unknown label {label!r} (labels: {', '.join(labels)})"
+            )
+        on[index[label]], off[index[label]] = on_value, off_value
+    return on, off
+
+
+def min_duration_frames(min_duration_ms: float, frame_s: float) -> int:
+    """Frames a candidate needs before it is confirmed: ``ceil(min_duration / frame period)``, at least 1."""
+    return max(1, math.ceil(min_duration_ms / (1000.0 * frame_s) - _EPS))
+
+
+class EventTracker:
+    """Streaming post-processing of per-frame probabilities ``[n_frames, n_classes]`` into events."""
+
+    def __init__(self, labels: Sequence[str], settings: DetectorConfig, frame_s: float) -> None:
+        if frame_s <= 0:
+            raise ValueError(f"frame_s must be positive, got {frame_s}")
+        self.labels = list(labels)
+        self.settings = settings
+        self.frame_s = frame_s
+        self.on, self.off = class_thresholds(self.labels, settings)
+        self.confirm_frames = min_duration_frames(settings.min_duration_ms, frame_s)
+        self.refractory_frames = max(0, math.ceil(settings.refractory_ms / (1000.0 * frame_s) - _EPS))
+        n = len(self.labels)
+        self._state = np.full(n, _IDLE, dtype=np.int8)
+        self._onset = np.zeros(n, dtype=np.int64)
+        self._peak = np.zeros(n, dtype=np.float32)
+        self._latency_ms = np.zeros(n, dtype=np.float64)
+        self._blocked_until = np.zeros(n, dtype=np.int64)  # first frame at which a candidate may start
+        self.n_frames = 0
+
+    @property
+    def algorithmic_delay_ms(self) -> float:
+        """Post-processing delay of an onset event after the onset frame: ``(confirm frames - 1)`` frames."""
+        return (self.confirm_frames - 1) * self.frame_s * 1000.0
+
+    def update(self, probs: np.ndarray, emitted_s: float) -> list[Event]:
+        """Consume the next frames' probabilities; events are stamped as emitted at ``emitted_s``."""
+        probs = np.asarray(probs, dtype=np.float32)
+        if probs.ndim != 2 or probs.shape[1] != len(self.labels):
+            raise ValueError(f"probabilities must be [n_frames, {len(self.labels)}], got {probs.shape}")
+        events: list[Event] = []
+        for row in probs:
+            events.extend(self._step(row, emitted_s))
+        return events
+
+    def close(self, emitted_s: float) -> list[Event]:
+        """End of stream: confirmed events still active end at the time after the last frame."""
+        events = []
+        end_s = self.n_frames * self.frame_s
+        for c in np.flatnonzero(self._state == _ACTIVE):
+            events.append(self._event("offset", int(c), end_s, emitted_s))
+        self._state[:] = _IDLE
+        return events
+
+    def _event(self, kind: str, c: int, offset_s: float | None, emitted_s: float) -> Event:
+        return Event(type=kind, label=self.labels[c], onset_s=float(self._onset[c] * self.frame_s),
+                     offset_s=offset_s, score=float(self._peak[c]), latency_ms=float(self._latency_ms[c]),
+                     emitted_s=emitted_s)
+
+    def _step(self, p: np.ndarray, emitted_s: float) -> list[Event]:
+        t = self.n_frames
+        self.n_frames += 1
+        state = self._state
+        events: list[Event] = []
+        below_off = p < self.off
+
+        ended = (state == _ACTIVE) & below_off
+        for c in np.flatnonzero(ended):
+            events.append(self._event("offset", int(c), t * self.frame_s, emitted_s))
+        state[ended] = _IDLE
+        self._blocked_until[ended] = t + self.refractory_frames
+        state[(state == _PENDING) & below_off] = _IDLE  # too short: dropped
+
+        start = (state == _IDLE) & (p >= self.on) & (t >= self._blocked_until)
+        self._onset[start] = t
+        self._peak[start] = p[start]
+        state[start] = _PENDING
+
+        running = state != _IDLE
+        np.maximum(self._peak, np.where(running, p, self._peak), out=self._peak)
+        confirm = (state == _PENDING) & (t - self._onset + 1 >= self.confirm_frames)
+        for c in np.flatnonzero(confirm):
+            self._latency_ms[c] = (emitted_s - self._onset[c] * self.frame_s) * 1000.0
+            events.append(self._event("onset", int(c), None, emitted_s))
+        state[confirm] = _ACTIVE
+        return events

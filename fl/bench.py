@@ -1,0 +1,31 @@
+"""``fedsound bench WHAT``: dispatch to the benchmark of one stage. Each prints a table and can write JSON."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+# stage -> (module, function); every function takes (workdir, quick, out_json) and returns a dict of figures.
+BENCHES = {
+    "prep": ("fl.bench_prep", "run_prep_bench"),
+    "train": ("fl.bench_train", "run_train_bench"),
+    "sim": ("fl.bench_sim", "run_sim_bench"),
+    "sweep": ("fl.bench_sweep", "run_sweep_bench"),
+    "stream": ("clients.bench_stream", "run_stream_bench"),
+    "personalize": ("clients.bench_personalize", "run_personalize_bench"),
+}
+
+
+def run_bench(what: str, workdir: Path, quick: bool = False, out: Path | None = None) -> int:
+    """Run one benchmark; a stage whose benchmark has not landed says so and exits 2."""
+    module_name, function = BENCHES[what]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        print(f"fedsound bench {what}: not built yet", file=sys.stderr)
+        return 2
+    getattr(module, function)(workdir=Path(workdir) / "bench" / what, quick=quick, out_json=out)
+    return 0

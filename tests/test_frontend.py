@@ -1,0 +1,126 @@
+"""The audio frontend: frame counts, fsd_fed's patch rules, features equal to direct torchaudio output."""
+
+import numpy as np
+import pytest
+import torch
+import torchaudio
+from fsd_tree import tone
+
+from fl.config import CONFIG_DIR, FrontendConfig, load_config
+from fl.frontend import Frontend, cut_patches, n_segments, patch_frame_indices
+
+CONFIG = FrontendConfig()
+PATCH, HOP = 101, 50
+
+
+def reference_patches(frames: np.ndarray) -> np.ndarray:
+    """fsd_fed's rules written out plainly: tile short clips to 101 frames; patches every 50 frames, their
+    count int(n / 50) - 1 (at least 1); a patch one frame short repeats its last frame."""
+    n = len(frames)
+    if n < PATCH:
+        tiled = np.concatenate([frames] * -(-PATCH // n))[:PATCH]
+        return tiled[None]
+    patches = []
+    for segment in range(max(1, int(n / HOP) - 1)):
+        patch = frames[segment * HOP : segment * HOP + PATCH]
+        if len(patch) == PATCH - 1:
+            patch = np.concatenate([patch, patch[-1:]])
+        assert len(patch) == PATCH, "a patch may be at most one frame short"
+        patches.append(patch)
+    return np.stack(patches)
+
+
+def numbered_frames(n: int, n_mels: int = 3) -> np.ndarray:
+    """Frames whose every value is the frame's own index, so a patch shows which frames it took."""
+    return np.repeat(np.arange(n, dtype=np.float32)[:, None], n_mels, axis=1)
+
+
+# seconds at 44.1 kHz -> (frames at 22.05 kHz with hop 220, centered: 1 + samples // 220, patches)
+CLIPS = {0.3: (31, 1), 1.0: (101, 1), 1.5: (151, 2), 30.0: (3007, 59)}
+
+
+@pytest.fixture(scope="module")
+def frontend() -> Frontend:
+    return Frontend(CONFIG)
+
+
+@pytest.mark.parametrize("seconds", sorted(CLIPS))
+def test_hand_made_clips_give_the_rule_patch_counts_and_contents(frontend, seconds):
+    expected_frames, expected_patches = CLIPS[seconds]
+    frames = frontend.frames(tone(seconds, seed=int(seconds * 10)), 44100)
+    assert frames.shape == (expected_frames, 96) and frames.dtype == np.float32
+    assert frontend.n_frames(int(round(seconds * 22050))) == expected_frames
+    assert n_segments(len(frames), CONFIG) == expected_patches
+    patches = cut_patches(frames, CONFIG)
+    assert patches.shape == (expected_patches, PATCH, 96) and patches.dtype == np.float32
+    np.testing.assert_array_equal(patches, reference_patches(frames))
+
+
+@pytest.mark.parametrize("n", [1, 31, 100, 101, 149, 150, 151, 199, 200, 3007])
+def test_patch_frames_follow_the_rules(n):
+    patches = cut_patches(numbered_frames(n), CONFIG)
+    np.testing.assert_array_equal(patches, reference_patches(numbered_frames(n)))
+    starts = patches[:, 0, 0]
+    if n >= PATCH:
+        np.testing.assert_array_equal(starts, np.arange(len(patches)) * HOP)
+
+
+def test_short_clip_is_tiled_and_a_one_frame_short_patch_repeats_its_last_frame():
+    short = cut_patches(numbered_frames(31), CONFIG)[0, :, 0]
+    np.testing.assert_array_equal(short, np.arange(PATCH) % 31)
+    last = cut_patches(numbered_frames(150), CONFIG)[-1, :, 0]  # frames 50..149, then 149 again
+    np.testing.assert_array_equal(last, np.r_[np.arange(50, 150), 149])
+
+
+def test_patch_frame_indices_address_clips_inside_one_frame_array():
+    lengths = [31, 151, 3007, 101]
+    clips = [numbered_frames(n) + 10_000 * k for k, n in enumerate(lengths)]
+    store = np.concatenate(clips)
+    offsets = np.cumsum([0, *lengths[:-1]])
+    counts = [n_segments(n, CONFIG) for n in lengths]
+    rows = [(k, s) for k, c in enumerate(counts) for s in range(c)]
+    clip, segment = np.array(rows).T
+    idx = patch_frame_indices(offsets[clip], np.array(lengths)[clip], segment, CONFIG)
+    np.testing.assert_array_equal(store[idx], np.concatenate([cut_patches(c, CONFIG) for c in clips]))
+
+
+def test_linear_features_equal_fsd_fed_torchaudio_computation():
+    wave = np.stack([tone(2.0, seed=1), tone(2.0, freq=3000.0, seed=2)]).mean(axis=0)
+    ours = Frontend(FrontendConfig(scale="linear")).frames(wave, 44100)
+    signal = torchaudio.transforms.Resample(44100, 22050)(torch.from_numpy(wave))
+    mel = torchaudio.transforms.MelSpectrogram(sample_rate=22050, n_fft=660, hop_length=220, n_mels=96)
+    expected = mel(signal).T.numpy()
+    assert ours.shape == expected.shape == (201, 96)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6 * expected.max())
+
+
+def test_log_scale_is_the_floored_log_of_linear():
+    wave = tone(0.5, seed=3)
+    wave[:4000] = 0.0  # digital silence hits the floor
+    linear = Frontend(FrontendConfig(scale="linear")).frames(wave, 44100)
+    log = Frontend(CONFIG).frames(wave, 44100)
+    np.testing.assert_allclose(log, np.log(np.maximum(linear, CONFIG.log_floor)), rtol=1e-5, atol=1e-5)
+    assert log.min() == pytest.approx(np.log(CONFIG.log_floor))
+
+
+def test_frontend_at_its_own_rate_skips_resampling():
+    wave = tone(1.0, rate=22050, seed=4)
+    frames = Frontend(CONFIG).frames(wave, 22050)
+    direct = torchaudio.transforms.MelSpectrogram(sample_rate=22050, n_fft=660, hop_length=220, n_mels=96)
+    expected = np.log(np.maximum(direct(torch.from_numpy(wave)).T.numpy(), CONFIG.log_floor))
+    np.testing.assert_allclose(frames, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lea16k_features_have_64_bands_at_100_frames_per_second():
+    config = load_config(CONFIG_DIR / "features" / "lea16k.toml").frontend
+    assert (config.sample_rate, config.n_mels, config.frames_per_second) == (16000, 64, 100.0)
+    frontend = Frontend(config)
+    assert frontend.frames(tone(1.0, rate=16000), 16000).shape == (101, 64)
+    from_44k = frontend.frames(tone(1.5), 44100)
+    assert from_44k.shape == (151, 64)
+    assert cut_patches(from_44k, config).shape == (2, 101, 64)
+
+
+def test_frontend_rejects_multichannel_input():
+    with pytest.raises(ValueError, match="mono"):
+        Frontend(CONFIG).frames(np.zeros((100, 2), np.float32), 44100)
