@@ -132,13 +132,14 @@ def _stream_step_ms(model: nn.Module, steps: int, generator: torch.Generator, pr
     return statistics.median(times) / 1e6, p99 / 1e6
 
 
-def run_train_bench(out_json: Path | None, quick: bool = False, progress: bool = False, seed: int = 0,
-                    device: str = "cpu") -> dict[str, Any]:
+def run_train_bench(out_json: Path | None = None, quick: bool = False, progress: bool = False, seed: int = 0,
+                    device: str = "cpu", workdir: Path | None = None) -> dict[str, Any]:
     """Benchmark the models (see the module docstring); print a table, write JSON to ``out_json`` if given.
 
     ``quick`` uses a batch of 2 and a few iterations (for tests); otherwise a batch of 64, 5 timed training
     and inference iterations and 2000 streaming steps. ``device`` is used for training and inference; the
-    streaming step always runs on one CPU thread.
+    streaming step always runs on one CPU thread. ``workdir`` is unused (all data is generated in memory);
+    it is accepted so that every ``fedsound bench`` stage has the same call.
     """
     batch, iters, steps = (2, 1, 10) if quick else (64, 5, 2000)
     dev = torch.device(device)

@@ -51,6 +51,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,28 +244,54 @@ def _restore_from_tune(run: Path) -> int:
     return int(reported["round"])
 
 
-def _report(run: Path, record: dict[str, Any], best: float) -> None:
-    """``tune.report`` one round, with a checkpoint holding the run directory's resumable files."""
+def _report_new(run: Path, reported: int, best: float, metric: str, mode: str) -> tuple[int, float, int]:
+    """``tune.report`` the rounds after ``reported`` that the run has checkpointed, the last one with a Tune
+    checkpoint holding the run directory's resumable files. Returns (last reported round, best, count)."""
     from ray import tune
 
+    pending = any(r["round"] > reported for r in _read_records(run / "metrics.jsonl"))
+    if not pending or not (run / "checkpoint.pt").exists():
+        return reported, best, 0
     with tempfile.TemporaryDirectory(prefix="ckpt-", dir=run) as tmp:
         folder = Path(tmp)
-        while True:  # the record is appended just before its checkpoint is saved
-            shutil.copy2(run / "checkpoint.pt", folder / "checkpoint.pt")
-            saved = _checkpoint_round(folder / "checkpoint.pt")
-            if saved >= record["round"]:
-                break
-            time.sleep(POLL_S / 5)
-        for name in RUN_FILES[1:]:
+        shutil.copy2(run / "checkpoint.pt", folder / "checkpoint.pt")  # replaced atomically by the child
+        saved = _checkpoint_round(folder / "checkpoint.pt")
+        for name in RUN_FILES[1:]:  # copied after the checkpoint: they hold at least its rounds
             if (run / name).exists():
                 shutil.copy2(run / name, folder / name)
-        (folder / REPORTED_NAME).write_text(json.dumps({"round": record["round"], "checkpoint_round": saved}))
-        tune.report(_tune_metrics(record, best), checkpoint=tune.Checkpoint.from_directory(folder))
+        new = [r for r in _read_records(folder / "metrics.jsonl") if reported < r["round"] <= saved]
+        if new:
+            (folder / REPORTED_NAME).write_text(json.dumps({"round": new[-1]["round"], "checkpoint_round": saved}))
+        for i, record in enumerate(new):
+            value = record.get(metric)
+            if value is not None and (math.isnan(best) or (value > best if mode == "max" else value < best)):
+                best = float(value)
+            last = i == len(new) - 1
+            tune.report(_tune_metrics(record, best),
+                        checkpoint=tune.Checkpoint.from_directory(folder) if last else None)
+    return (new[-1]["round"] if new else reported), best, len(new)
 
 
 def _child_env() -> dict[str, str]:
     """The trial's environment without what would tie the child's Ray to the sweep's cluster."""
     return {k: v for k, v in os.environ.items() if k not in CHILD_ENV_DROP}
+
+
+def _start_child(run: Path, config: Config, setup: dict[str, Any], resources: dict[str, float],
+                 saved: int) -> subprocess.Popen:
+    """Start ``python -m fl.sweep run/trial.json``; its output goes to ``run/child.log``."""
+    run.mkdir(parents=True, exist_ok=True)
+    spec = {"store": setup["store"], "config": to_dict(config), "out": str(run), "resume": saved > 0,
+            "num_cpus": resources["actors"] * config.federated.client_cpus,
+            "num_gpus": resources["actors"] * config.federated.client_gpus,
+            "threads": max(1, math.floor(resources["CPU"])), "parent": os.getpid()}
+    (run / "trial.json").write_text(json.dumps(spec, indent=2) + "\n")
+    with open(run / ATTEMPTS_NAME, "a") as fh:
+        fh.write(json.dumps({"started": time.time(), "from_round": saved, "pid": os.getpid()}) + "\n")
+    with open(run / CHILD_LOG, "ab") as child_log:
+        return subprocess.Popen([sys.executable, "-m", "fl.sweep", str(run / "trial.json")], stdout=child_log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env(),
+                                cwd=setup["cwd"])
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -282,6 +309,10 @@ def _tail_line(path: Path) -> str:
     return lines[-1][:300] if lines else "(empty log)"
 
 
+class TrialError(RuntimeError):
+    """A trial's simulation failed; the message names the trial, the last log line and the log file."""
+
+
 def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     """Tune function of one trial: run its simulation in a child process and report every round."""
     from ray import tune
@@ -289,41 +320,24 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     name = setup["names"][_param_key(params)]
     run = Path(setup["runs"]) / name
     config = apply_flat(apply(Config(), setup["config"], "sweep.json"), params, name)
-    rounds = config.federated.rounds
-    mode = metric_mode(config.sweep.metric)
+    rounds, metric = config.federated.rounds, config.sweep.metric
+    mode = metric_mode(metric)
     reported = _restore_from_tune(run)
     saved = _checkpoint_round(run / "checkpoint.pt")
     if not saved and (run / "metrics.jsonl").exists():
         (run / "metrics.jsonl").unlink()  # rounds of a start that died before its first checkpoint
-    records = _read_records(run / "metrics.jsonl")
-    values = [r[config.sweep.metric] for r in records if r["round"] <= reported and r[config.sweep.metric] is not None]
+    values = [r[metric] for r in _read_records(run / "metrics.jsonl")
+              if r["round"] <= reported and r.get(metric) is not None]
     best = (max if mode == "max" else min)(values, default=float("nan"))
-
     process = None
     if saved < rounds or not (run / "model.pt").exists():
-        run.mkdir(parents=True, exist_ok=True)
-        resources = setup["resources"][name]
-        spec = {"store": setup["store"], "config": to_dict(config), "out": str(run), "resume": saved > 0,
-                "num_cpus": resources["actors"] * config.federated.client_cpus,
-                "num_gpus": resources["actors"] * config.federated.client_gpus,
-                "threads": max(1, math.floor(resources["CPU"])), "parent": os.getpid()}
-        (run / "trial.json").write_text(json.dumps(spec, indent=2) + "\n")
-        with open(run / ATTEMPTS_NAME, "a") as fh:
-            fh.write(json.dumps({"started": time.time(), "from_round": saved, "pid": os.getpid()}) + "\n")
-        with open(run / CHILD_LOG, "ab") as child_log:
-            process = subprocess.Popen([sys.executable, "-m", "fl.sweep", str(run / "trial.json")],
-                                       stdout=child_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=_child_env(), cwd=setup["cwd"])
+        process = _start_child(run, config, setup, setup["resources"][name], saved)
+    sent = 0
     try:
         while True:
             finished = process is None or process.poll() is not None
-            for record in _read_records(run / "metrics.jsonl"):
-                if record["round"] > reported:
-                    value = record[config.sweep.metric]
-                    if value is not None and (math.isnan(best) or (value > best if mode == "max" else value < best)):
-                        best = float(value)
-                    _report(run, record, best)
-                    reported = record["round"]
+            reported, best, count = _report_new(run, reported, best, metric, mode)
+            sent += count
             if finished:
                 break
             time.sleep(POLL_S)
@@ -331,17 +345,12 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
         if process is not None:
             _stop(process)
     if process is not None and process.returncode != 0:
-        raise RuntimeError(f"{name}: simulation exited with code {process.returncode}: "
-                           f"{_tail_line(run / CHILD_LOG)} (log: {run / CHILD_LOG})")
-    if reported < rounds:
-        if not records and reported == 0:
-            raise RuntimeError(f"{name}: simulation ended after round {reported} of {rounds}")
-        last = [r for r in _read_records(run / "metrics.jsonl") if r["round"] <= reported]
-        if len(last) < rounds:
-            raise RuntimeError(f"{name}: simulation ended after round {reported} of {rounds}")
-    if process is None and records:
-        # Nothing left to run (the sweep died after this trial's last round): report it again so that Tune
-        # records a result for the restored trial.
+        raise TrialError(f"{name}: simulation exited with code {process.returncode}: "
+                         f"{_tail_line(run / CHILD_LOG)} (log: {run / CHILD_LOG})")
+    records = _read_records(run / "metrics.jsonl")
+    if reported < rounds or not records:
+        raise TrialError(f"{name}: simulation stopped after round {reported} of {rounds} (log: {run / CHILD_LOG})")
+    if not sent:  # restored after its last round had been reported: Tune still needs a result
         tune.report(_tune_metrics(records[-1], best))
 
 
@@ -410,29 +419,36 @@ def _check_resume(out: Path, store: Path, config: Config) -> None:
                           "resume it with the same config")
 
 
-class _Progress:
-    """A Tune callback driving one tqdm bar over all rounds of all trials."""
+class _RoundProgress:
+    """A tqdm bar over all rounds of all trials, fed by polling the trials' run directories."""
 
-    def __new__(cls, total: int, enabled: bool) -> Any:
-        from ray import tune
+    def __init__(self, trials: list[SweepTrial], runs: Path, enabled: bool) -> None:
         from tqdm import tqdm
 
-        class Progress(tune.Callback):
-            def __init__(self) -> None:
-                self.bar = tqdm(total=total, desc="sweep rounds", unit="round", disable=not enabled)
-                self.done: dict[str, int] = {}
-                self.best = float("nan")
+        self.trials, self.runs = trials, runs
+        self.bar = tqdm(total=sum(t.config.federated.rounds for t in trials), desc="sweep", unit="round",
+                        disable=not enabled)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
 
-            def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-                previous = self.done.get(trial.trial_id, 0)
-                self.done[trial.trial_id] = max(previous, int(result.get("round", 0)))
-                self.bar.update(self.done[trial.trial_id] - previous)
-                self.bar.set_postfix_str(f"{trial.trial_id}: best {result.get('best', float('nan')):.4f}")
+    def _poll(self) -> None:
+        while not self.stopped.wait(1.0):
+            self.refresh()
 
-            def on_experiment_end(self, trials: list, **info: Any) -> None:
-                self.bar.close()
+    def refresh(self) -> None:
+        """Set the bar to the rounds written so far."""
+        done = sum(len(_read_records(self.runs / t.name / "metrics.jsonl")) for t in self.trials)
+        self.bar.update(done - self.bar.n)
 
-        return Progress()
+    def __enter__(self) -> _RoundProgress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.refresh()
+        self.bar.close()
 
 
 def _scheduler(config: Config, trials: list[SweepTrial]) -> Any:
@@ -470,11 +486,9 @@ def _run_tune(store: Path, config: Config, out: Path, trials: list[SweepTrial], 
     first = next(iter(resources.values()))
     log.info("%d trials; each reserves %g CPUs (%d client actors), at most %d at a time", len(trials),
              first["CPU"], first["actors"], config.sweep.max_concurrent)
-    callbacks = [_Progress(sum(t.config.federated.rounds for t in trials), progress)]
     experiment = out / "tune"
     if resume and tune.Tuner.can_restore(experiment):
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
-        tuner._local_tuner._run_config.callbacks = callbacks  # progress bar of this process
     else:
         grid = _flatten_grid(dict(config.sweep.grid))
         mode = metric_mode(config.sweep.metric)
@@ -487,10 +501,11 @@ def _run_tune(store: Path, config: Config, out: Path, trials: list[SweepTrial], 
                 trial_name_creator=lambda trial: names[_param_key(trial.config)],
                 trial_dirname_creator=lambda trial: names[_param_key(trial.config)]),
             run_config=tune.RunConfig(
-                name="tune", storage_path=str(out), verbose=0, callbacks=callbacks,
+                name="tune", storage_path=str(out), verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=0)))
-    return tuner.fit()
+    with _RoundProgress(trials, out / "trials", progress):
+        return tuner.fit()
 
 
 def _trial_summary(trial: SweepTrial, run: Path, metric: str, mode: str, tune_result: Any) -> dict[str, Any]:
