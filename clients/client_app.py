@@ -8,6 +8,7 @@ size, learning rate, optimizer, FedProx mu) from the server's train message.
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import torch
@@ -51,11 +52,13 @@ def train(msg: Message, context: Context) -> Message:
     cfg = msg.content["config"]
     server_round = int(cfg["server-round"])
     patches = store.patch_index("train", clips)
+    started = time.perf_counter()
     loss = train_epochs(model, store, "train", patches, config.train, config.federated.local_epochs,
                         [config.seed, server_round, partition], pick_device(config.train.device),
                         proximal_mu=float(cfg.get("proximal-mu", 0.0)))
     model.cpu()
-    metrics = MetricRecord({"train_loss": float(loss), "num-examples": len(patches), "partition-id": partition})
+    metrics = MetricRecord({"train_loss": float(loss), "num-examples": len(patches), "partition-id": partition,
+                            "train_seconds": time.perf_counter() - started})
     return Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}),
                    reply_to=msg)
 

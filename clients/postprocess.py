@@ -5,12 +5,13 @@ For each class independently (frame ``t`` lies at ``t * frame_s`` seconds, the c
 * A candidate starts at the first frame whose probability reaches the class's **on** threshold, unless the
   class is in its refractory time. Its onset is that frame's time.
 * The candidate lasts while the probability stays at or above the **off** threshold (hysteresis). Once it has
-  lasted ``min_duration_ms`` (counting its frames, at least one), it is confirmed and an ``onset`` event is
-  emitted at once: the detector does not wait for the sound to end. A candidate that falls below the off
+  lasted ``min_duration_ms`` (counted in frames: rounded to the nearest whole number of frames, at least
+  one), it is confirmed and an ``onset`` event is emitted at once: the detector does not wait for the sound
+  to end. A candidate that falls below the off
   threshold before that is dropped without an event.
 * The first frame below the off threshold ends a confirmed event: an ``offset`` event is emitted with the
   event's ``offset_s`` (that frame's time) and its peak ``score``. No new candidate of that class may start
-  within ``refractory_ms`` after the offset.
+  within ``refractory_ms`` (also rounded to whole frames) after the offset.
 
 So every detected sound gives two JSON lines: ``"type": "onset"`` (the trigger, lowest latency; its
 ``offset_s`` is null) and ``"type": "offset"`` (the same event completed). Both carry ``label``,
@@ -32,7 +33,6 @@ from fl.config import DetectorConfig
 from fl.errors import ConfigError
 
 _IDLE, _PENDING, _ACTIVE = 0, 1, 2
-_EPS = 1e-9
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,14 @@ def class_thresholds(labels: Sequence[str], settings: DetectorConfig) -> tuple[n
     return on, off
 
 
+def to_frames(ms: float, frame_s: float) -> int:
+    """A duration in whole frames, rounded to the nearest (half up)."""
+    return math.floor(ms / (1000.0 * frame_s) + 0.5)
+
+
 def min_duration_frames(min_duration_ms: float, frame_s: float) -> int:
-    """Frames a candidate needs before it is confirmed: ``ceil(min_duration / frame period)``, at least 1."""
-    return max(1, math.ceil(min_duration_ms / (1000.0 * frame_s) - _EPS))
+    """Frames a candidate needs before it is confirmed: the minimum duration in frames, at least 1."""
+    return max(1, to_frames(min_duration_ms, frame_s))
 
 
 class EventTracker:
@@ -95,13 +100,14 @@ class EventTracker:
         self.frame_s = frame_s
         self.on, self.off = class_thresholds(self.labels, settings)
         self.confirm_frames = min_duration_frames(settings.min_duration_ms, frame_s)
-        self.refractory_frames = max(0, math.ceil(settings.refractory_ms / (1000.0 * frame_s) - _EPS))
+        self.refractory_frames = to_frames(settings.refractory_ms, frame_s)
         n = len(self.labels)
         self._state = np.full(n, _IDLE, dtype=np.int8)
         self._onset = np.zeros(n, dtype=np.int64)
         self._peak = np.zeros(n, dtype=np.float32)
         self._latency_ms = np.zeros(n, dtype=np.float64)
         self._blocked_until = np.zeros(n, dtype=np.int64)  # first frame at which a candidate may start
+        self._n_running = 0  # classes pending or active
         self.n_frames = 0
 
     @property
@@ -126,6 +132,7 @@ class EventTracker:
         for c in np.flatnonzero(self._state == _ACTIVE):
             events.append(self._event("offset", int(c), end_s, emitted_s))
         self._state[:] = _IDLE
+        self._n_running = 0
         return events
 
     def _event(self, kind: str, c: int, offset_s: float | None, emitted_s: float) -> Event:
@@ -136,6 +143,8 @@ class EventTracker:
     def _step(self, p: np.ndarray, emitted_s: float) -> list[Event]:
         t = self.n_frames
         self.n_frames += 1
+        if self._n_running == 0 and not (p >= self.on).any():  # fast path: nothing happening
+            return []
         state = self._state
         events: list[Event] = []
         below_off = p < self.off
@@ -159,4 +168,5 @@ class EventTracker:
             self._latency_ms[c] = (emitted_s - self._onset[c] * self.frame_s) * 1000.0
             events.append(self._event("onset", int(c), None, emitted_s))
         state[confirm] = _ACTIVE
+        self._n_running = int(np.count_nonzero(state))
         return events

@@ -166,11 +166,14 @@ class StreamEngine:
 
     @torch.inference_mode()
     def _run(self, frames: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(frames), self.model.n_classes), dtype=np.float32)
-        for i, frame in enumerate(torch.from_numpy(frames)):
-            logits, self._state = self.model.step(frame.unsqueeze(0), self._state)
-            out[i] = torch.sigmoid(logits[0]).numpy()
-        return out
+        frames_t = torch.from_numpy(frames)
+        probs = []
+        for i in range(len(frames)):
+            logits, self._state = self.model.step(frames_t[i : i + 1], self._state)
+            probs.append(torch.sigmoid(logits))
+        if not probs:
+            return np.zeros((0, self.model.n_classes), dtype=np.float32)
+        return torch.cat(probs).numpy()
 
 
 class StreamingDetector:

@@ -580,6 +580,7 @@ def plot_trial_curves(trials: list[SweepTrial], runs: Path, metric: str, out_png
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_metric, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
     for trial in trials:
@@ -592,14 +593,13 @@ def plot_trial_curves(trials: list[SweepTrial], runs: Path, metric: str, out_png
                                marker=".", label=label)
         ax_loss.plot(steps, [r.get("train_loss") if r.get("train_loss") is not None else np.nan for r in records],
                      marker=".", color=line.get_color())
-    ax_metric.set_xlabel("round")
-    ax_metric.set_ylabel(f"val {metric} (clip level)")
-    ax_metric.grid(alpha=0.3)
-    ax_loss.set_xlabel("round")
-    ax_loss.set_ylabel("train loss (BCE)")
-    ax_loss.grid(alpha=0.3)
-    fig.legend(loc="center right", fontsize=7, frameon=False)
+    for ax, ylabel in ((ax_metric, f"val {metric} (clip level)"), (ax_loss, "train loss (BCE)")):
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
     fig.tight_layout(rect=(0, 0, 0.8, 1))
+    fig.legend(loc="center left", bbox_to_anchor=(0.8, 0.5), fontsize=7, frameon=False)
     _save_figure(fig, out_png)
 
 
@@ -655,6 +655,7 @@ def run_sweep(store: Path, config: Config, out: Path, resume: bool = False, prog
 
     import ray
 
+    os.environ.pop("TUNE_RESULT_DIR", None)  # Tune 2.55 refuses to run while it is set; storage_path is used
     started_ray = not ray.is_initialized()
     if started_ray:
         address = config.federated.ray_address or "local"

@@ -70,6 +70,7 @@ def run_federated(grid: Grid, settings: RunSettings) -> None:
         log.info("resuming %s at round %d", settings.out, start)
     arrays = ArrayRecord(model.state_dict())
     nodes = map_partitions(grid)
+    partition_of = {node: partition for partition, node in nodes.items()}
     missing = [p for p in range(plan.n_clients) if p not in nodes]
     if missing:
         raise RuntimeError(f"{len(missing)} partition(s) have no node (e.g. {missing[:5]}); "
@@ -83,13 +84,16 @@ def run_federated(grid: Grid, settings: RunSettings) -> None:
                                             SampledGrid(grid, [nodes[p] for p in sampled]))
         replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
         reference = {k: np.asarray(v) for k, v in arrays.to_torch_state_dict().items()}
-        good, rejected, failed = [], [], 0
+        good, rejected, train_seconds = [], [], 0.0
+        failed = len(sampled) - len(replies)  # no reply before the timeout counts as a failure
         for reply in replies:
             if reply.has_error():
                 failed += 1
-                log.warning("round %d: node %d failed: %s", server_round, reply.metadata.src_node_id,
+                log.warning("round %d: partition %s failed: %s", server_round,
+                            partition_of.get(reply.metadata.src_node_id, "?"),
                             reply.error.reason.splitlines()[0] if reply.error.reason else "?")
                 continue
+            train_seconds += float(reply.content["metrics"].get("train_seconds", 0.0))
             update = {k: np.asarray(v) for k, v in reply.content["arrays"].to_torch_state_dict().items()}
             problem = update_problem(reference, update, config.federated.max_update_norm)
             partition = int(reply.content["metrics"]["partition-id"])
@@ -102,13 +106,15 @@ def run_federated(grid: Grid, settings: RunSettings) -> None:
         new_arrays, train_metrics = (strategy.aggregate_train(server_round, [r for _, r in good]) if good
                                      else (None, None))
         if new_arrays is not None:
-            arrays = new_arrays
-        model.load_state_dict(arrays.to_torch_state_dict())
+            model.load_state_dict(new_arrays.to_torch_state_dict())
+            # the global model in the model's own dtypes, exactly as a checkpoint holds it (strategies may
+            # return float64), so that a resumed run continues from the same arrays
+            arrays = ArrayRecord(model.state_dict())
         metrics = evaluate_global(model, store, config)
         record = {"round": server_round, **{k: metrics[k] for k in ("mAP", "dprime", "lwlrap", "micro_pr_auc")},
                   "train_loss": float(train_metrics["train_loss"]) if train_metrics else None,
                   "clients_sampled": sampled, "clients_rejected": rejected, "clients_failed": failed,
-                  "seconds": time.perf_counter() - started}
+                  "train_seconds": train_seconds, "seconds": time.perf_counter() - started}
         run.append(record)
         run.save_checkpoint({"model": model.state_dict(), "round": server_round, "seed": config.seed,
                              "strategy": strategy_state(strategy)})

@@ -1,0 +1,116 @@
+"""Post-processing: hysteresis, minimum duration, refractory time and per-class thresholds on hand-made
+probability sequences (frames of 10 ms)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from clients.postprocess import EventTracker, class_thresholds, min_duration_frames
+from fl.config import DetectorConfig
+from fl.errors import ConfigError
+
+FRAME_S = 0.01
+LABELS = ["pop", "click"]
+
+
+def run(sequence_a, settings, sequence_b=None, chunk=1):
+    """Feed per-frame probabilities of two classes; each chunk is 'emitted' at the time after its last frame."""
+    b = np.zeros(len(sequence_a)) if sequence_b is None else np.asarray(sequence_b)
+    probs = np.stack([np.asarray(sequence_a, dtype=np.float32), b.astype(np.float32)], axis=1)
+    tracker = EventTracker(LABELS, settings, FRAME_S)
+    events = []
+    for start in range(0, len(probs), chunk):
+        block = probs[start : start + chunk]
+        events += tracker.update(block, (start + len(block)) * FRAME_S)
+    return events + tracker.close(len(probs) * FRAME_S)
+
+
+def onsets(events):
+    return [e for e in events if e.type == "onset"]
+
+
+def test_hysteresis_starts_at_on_and_ends_below_off():
+    settings = DetectorConfig(on_threshold=0.5, off_threshold=0.3, min_duration_ms=0, refractory_ms=0)
+    seq = [0.1, 0.45, 0.6, 0.4, 0.35, 0.3, 0.2, 0.1]
+    events = run(seq, settings)
+    assert [(e.type, e.label) for e in events] == [("onset", "pop"), ("offset", "pop")]
+    onset, offset = events
+    assert onset.onset_s == pytest.approx(0.02)  # 0.45 is below on: the event starts at 0.6
+    assert onset.offset_s is None
+    assert offset.onset_s == pytest.approx(0.02)
+    assert offset.offset_s == pytest.approx(0.06)  # 0.4, 0.35 and 0.3 keep it going (>= off); 0.2 ends it
+    assert offset.score == pytest.approx(0.6)
+
+
+def test_values_between_off_and_on_never_start_an_event():
+    settings = DetectorConfig(on_threshold=0.5, off_threshold=0.3, min_duration_ms=0, refractory_ms=0)
+    assert run([0.49, 0.45, 0.31, 0.49] * 5, settings) == []
+
+
+def test_minimum_duration_drops_short_runs_and_delays_the_onset_event():
+    settings = DetectorConfig(min_duration_ms=30, refractory_ms=0)
+    assert min_duration_frames(30, FRAME_S) == 3
+    short = [0.0, 0.9, 0.9, 0.1, 0.0]  # two frames: dropped
+    assert run(short, settings) == []
+    long = [0.0, 0.9, 0.4, 0.9, 0.9, 0.1, 0.0]  # 0.4 >= off keeps the candidate alive
+    events = run(long, settings)
+    assert [e.type for e in events] == ["onset", "offset"]
+    onset = events[0]
+    assert onset.onset_s == pytest.approx(0.01)
+    # confirmed on its third frame (index 3), emitted at the end of that frame's chunk
+    assert onset.emitted_s == pytest.approx(0.04)
+    assert onset.latency_ms == pytest.approx(30.0)
+    assert events[1].latency_ms == pytest.approx(30.0)
+
+
+def test_refractory_time_blocks_a_second_event_after_the_offset():
+    settings = DetectorConfig(min_duration_ms=0, refractory_ms=100)
+    burst, gap = [0.9, 0.9], [0.0]
+    close = burst + gap * 5 + burst + gap * 3  # second burst 5 frames after the offset: blocked
+    far = burst + gap * 10 + burst + gap * 3  # 10 frames (100 ms) after: allowed
+    assert len(onsets(run(close, settings))) == 1
+    events = onsets(run(far, settings))
+    assert [e.onset_s for e in events] == pytest.approx([0.0, 0.12])
+
+
+def test_per_class_thresholds_replace_the_defaults_for_their_label():
+    settings = DetectorConfig(min_duration_ms=0, refractory_ms=0, class_thresholds={"click": [0.8, 0.7]})
+    on, off = class_thresholds(LABELS, settings)
+    assert on.tolist() == pytest.approx([0.5, 0.8]) and off.tolist() == pytest.approx([0.3, 0.7])
+    seq = [0.0, 0.6, 0.6, 0.0, 0.9, 0.75, 0.65, 0.0]
+    events = onsets(run(seq, settings, sequence_b=seq))
+    assert [(e.label, e.onset_s) for e in events] == [("pop", pytest.approx(0.01)), ("pop", pytest.approx(0.04)),
+                                                      ("click", pytest.approx(0.04))]
+    ends = [e for e in run(seq, settings, sequence_b=seq) if e.type == "offset" and e.label == "click"]
+    assert ends[0].offset_s == pytest.approx(0.06)  # 0.65 < 0.7 ends the click
+
+
+def test_unknown_label_in_class_thresholds_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown label 'snap'"):
+        EventTracker(LABELS, DetectorConfig(class_thresholds={"snap": [0.6, 0.4]}), FRAME_S)
+
+
+def test_chunking_does_not_change_the_events():
+    rng = np.random.default_rng(0)
+    seq = np.clip(np.repeat(rng.random(40), 3) * 1.2 - 0.1, 0, 1)
+    settings = DetectorConfig(min_duration_ms=20, refractory_ms=50)
+    by_frame = [(e.type, e.label, e.onset_s, e.offset_s, e.score) for e in run(seq, settings, seq[::-1])]
+    by_chunk = [(e.type, e.label, e.onset_s, e.offset_s, e.score) for e in run(seq, settings, seq[::-1], 7)]
+    assert by_frame == by_chunk and len(by_frame) > 4
+
+
+def test_events_active_at_the_end_are_closed_and_serialise_as_json():
+    settings = DetectorConfig(min_duration_ms=0)
+    events = run([0.0, 0.8, 0.9], settings)
+    assert [e.type for e in events] == ["onset", "offset"]
+    assert events[1].offset_s == pytest.approx(0.03)
+    line = json.loads(events[0].to_json())
+    assert {"label", "onset_s", "score", "latency_ms", "offset_s", "type", "emitted_s"} <= set(line)
+    assert line["label"] == "pop" and line["offset_s"] is None and line["score"] == pytest.approx(0.8)
+
+
+def test_bad_probability_shape_is_refused():
+    tracker = EventTracker(LABELS, DetectorConfig(), FRAME_S)
+    with pytest.raises(ValueError, match="probabilities must be"):
+        tracker.update(np.zeros((3, 5)), 0.0)
