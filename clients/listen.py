@@ -19,7 +19,8 @@ Ctrl-C.
 ``--exec LABEL=COMMAND`` (repeatable, off by default) runs COMMAND on each onset event of LABEL: split with
 ``shlex.split``, run without a shell, not waited for while listening (listen waits up to
 ``EXEC_WAIT_S`` seconds for them at the end). The command's environment has ``FEDSOUND_LABEL``,
-``FEDSOUND_ONSET_S`` and ``FEDSOUND_SCORE``.
+``FEDSOUND_ONSET_S`` and ``FEDSOUND_SCORE``; its output goes to stderr, so stdout stays event lines.
+Listening also stops cleanly when stdout is closed (``fedsound listen ... | head``).
 
 Post-processing settings come from the bundle; a ``[detector]`` key of the run's configuration that differs
 from its default overrides the bundle's value (``block-size`` sets the block size of file input).
@@ -46,7 +47,7 @@ import torch
 
 from clients.bundle import load_bundle
 from clients.postprocess import Event
-from clients.stream import StreamingDetector
+from clients.stream import StreamingDetector, single_thread
 from fl.config import Config, DetectorConfig
 from fl.errors import FedsoundError
 from fl.frontend import Frontend
@@ -56,6 +57,10 @@ EXEC_WAIT_S = 10.0
 
 class ListenError(FedsoundError):
     """Listening cannot start: bad input file, no microphone, bad ``--exec`` mapping."""
+
+
+class StopListening(Exception):
+    """Raised by an event callback to end the session cleanly (like Ctrl-C)."""
 
 
 class AudioSource(Protocol):
@@ -202,7 +207,7 @@ class CommandRunner:
                "FEDSOUND_SCORE": f"{event.score:.4f}"}
         for argv in self.commands.get(event.label, []):
             try:
-                self.running.append(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL))
+                self.running.append(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=2))
                 self.started += 1
             except OSError as exc:
                 print(f"warning: --exec {shlex.join(argv)} failed: {exc}", file=sys.stderr)
@@ -251,8 +256,9 @@ def run_detector(detector: StreamingDetector, source: AudioSource,
                  on_event: Callable[[Event], None] | None = None) -> ListenSummary:
     """Feed ``source`` to ``detector`` until it ends or Ctrl-C; every event goes to ``on_event``.
 
-    On KeyboardInterrupt the stream is ended without flushing the audio (events still active are closed at
-    the last processed frame) and the summary says so.
+    Runs torch on one thread (see :mod:`clients.stream`). On KeyboardInterrupt the stream is ended without
+    flushing the audio (events still active are closed at the last processed frame) and the summary says so;
+    :class:`StopListening` raised by ``on_event`` ends it the same way.
     """
     if source.sample_rate != detector.sample_rate:
         raise ListenError(
@@ -268,23 +274,27 @@ def run_detector(detector: StreamingDetector, source: AudioSource,
 
     wall_start = time.perf_counter()
     blocks = source.blocks()
-    try:
-        for block in blocks:
+    with single_thread():
+        try:
+            for block in blocks:
+                start = time.perf_counter()
+                events = detector.feed(block)
+                summary.compute_s += time.perf_counter() - start
+                emit(events)
             start = time.perf_counter()
-            events = detector.feed(block)
+            events = detector.finish()
             summary.compute_s += time.perf_counter() - start
             emit(events)
-        start = time.perf_counter()
-        events = detector.finish()
-        summary.compute_s += time.perf_counter() - start
-        emit(events)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        emit(detector.finish(flush_audio=False))
-    finally:
-        close = getattr(blocks, "close", None)
-        if close is not None:  # a generator: release its input (e.g. stop the microphone) now
-            close()
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            emit(detector.finish(flush_audio=False))
+        except StopListening:  # the consumer is gone: the closing events are only recorded
+            summary.interrupted = True
+            summary.events.extend(detector.finish(flush_audio=False))
+        finally:
+            close = getattr(blocks, "close", None)
+            if close is not None:  # a generator: release its input (e.g. stop the microphone) now
+                close()
     summary.audio_s = detector.audio_seconds
     summary.wall_s = time.perf_counter() - wall_start
     return summary
@@ -325,7 +335,11 @@ def listen(source: Path, config: Config, input_: str = "mic", realtime: bool = F
     runner = CommandRunner(commands)
 
     def on_event(event: Event) -> None:
-        _print_event(event, as_json)
+        try:
+            _print_event(event, as_json)
+        except BrokenPipeError:  # the reader went away (`| head`): stop, and silence stdout for the exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise StopListening from None
         runner(event)
 
     if not as_json:

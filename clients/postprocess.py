@@ -143,30 +143,35 @@ class EventTracker:
     def _step(self, p: np.ndarray, emitted_s: float) -> list[Event]:
         t = self.n_frames
         self.n_frames += 1
-        if self._n_running == 0 and not (p >= self.on).any():  # fast path: nothing happening
+        above_on = p >= self.on
+        if self._n_running == 0 and not above_on.any():  # fast path: nothing happening
             return []
         state = self._state
         events: list[Event] = []
-        below_off = p < self.off
-
-        ended = (state == _ACTIVE) & below_off
-        for c in np.flatnonzero(ended):
-            events.append(self._event("offset", int(c), t * self.frame_s, emitted_s))
-        state[ended] = _IDLE
-        self._blocked_until[ended] = t + self.refractory_frames
-        state[(state == _PENDING) & below_off] = _IDLE  # too short: dropped
-
-        start = (state == _IDLE) & (p >= self.on) & (t >= self._blocked_until)
-        self._onset[start] = t
-        self._peak[start] = p[start]
-        state[start] = _PENDING
-
         running = state != _IDLE
-        np.maximum(self._peak, np.where(running, p, self._peak), out=self._peak)
-        confirm = (state == _PENDING) & (t - self._onset + 1 >= self.confirm_frames)
-        for c in np.flatnonzero(confirm):
-            self._latency_ms[c] = (emitted_s - self._onset[c] * self.frame_s) * 1000.0
-            events.append(self._event("onset", int(c), None, emitted_s))
-        state[confirm] = _ACTIVE
-        self._n_running = int(np.count_nonzero(state))
+
+        ending = running & (p < self.off)  # active: the event ends; pending: too short, dropped
+        if ending.any():
+            for c in np.flatnonzero(ending):
+                if state[c] == _ACTIVE:
+                    events.append(self._event("offset", int(c), t * self.frame_s, emitted_s))
+                    self._blocked_until[c] = t + self.refractory_frames
+                state[c] = _IDLE
+            running &= ~ending
+
+        start = above_on & ~running & (self._blocked_until <= t)
+        if start.any():
+            self._onset[start] = t
+            self._peak[start] = 0.0
+            state[start] = _PENDING
+            running |= start
+
+        np.maximum(self._peak, p, out=self._peak, where=running)
+        confirm = (state == _PENDING) & (self._onset <= t + 1 - self.confirm_frames)
+        if confirm.any():
+            for c in np.flatnonzero(confirm):
+                self._latency_ms[c] = (emitted_s - self._onset[c] * self.frame_s) * 1000.0
+                events.append(self._event("onset", int(c), None, emitted_s))
+            state[confirm] = _ACTIVE
+        self._n_running = int(np.count_nonzero(running))
         return events

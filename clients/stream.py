@@ -15,16 +15,23 @@ Delay (fixed, documented)
     Frame ``t`` is produced as soon as sample ``t * hop + n_fft - pad - 1`` has arrived, i.e.
     ``n_fft - pad`` samples (``n_fft / 2``: 330 samples = 15 ms at 22.05 kHz) after the sample it is centred
     on; frame 0 also needs ``pad + 1`` samples for its reflection. The post-processing adds
-    ``min-duration`` minus one frame (an event is confirmed on its ``ceil(min-duration / hop)``-th frame).
-    The algorithmic latency of an onset event is the sum of both; a live input adds up to one block of
-    buffering (the block is processed when its last sample arrives).
+    ``min-duration`` less one frame (an event is confirmed on its k-th frame, k = min-duration in whole
+    frames, at least 1). The algorithmic latency of an onset event is the sum of both (15 + 20 = 35 ms with
+    the defaults); a live input adds up to one block of buffering (a block is processed when its last sample
+    arrives).
 
 A stream shorter than ``pad + 1`` samples gives no frame (the offline frontend refuses such input).
+
+Threads
+    The per-hop work is tiny (one FFT, a few small matrix-vector products): run it on one thread
+    (:func:`single_thread`), as ``listen`` and the benchmark do. Extra intra-op threads only add wake-up
+    jitter, and on a busy machine they make streaming many times slower.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -33,6 +40,17 @@ from clients.postprocess import Event, EventTracker
 from fl.config import DetectorConfig
 from fl.frontend import Frontend
 from fl.models import TCN
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread inside the block; the previous setting is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class StreamingFrontend:
@@ -129,8 +147,8 @@ class StreamingFrontend:
     @torch.inference_mode()
     def _compute(self, count: int) -> np.ndarray:
         first = self._n_frames * self.hop - self._buffer_start
-        index = first + self.hop * np.arange(count)[:, None] + np.arange(self.n_fft)[None, :]
-        segments = torch.from_numpy(self._buffer[index])
+        span = self._buffer[first : first + (count - 1) * self.hop + self.n_fft]
+        segments = torch.from_numpy(span).unfold(0, self.n_fft, self.hop)  # [count, n_fft], a view
         spectrum = torch.fft.rfft(segments * self._window)
         power = spectrum.abs() if self.power == 1.0 else spectrum.abs().pow(self.power)
         mel = torch.matmul(power, self._filterbank)
@@ -167,13 +185,11 @@ class StreamEngine:
     @torch.inference_mode()
     def _run(self, frames: np.ndarray) -> np.ndarray:
         frames_t = torch.from_numpy(frames)
-        probs = []
+        probs = np.empty((len(frames), self.model.n_classes), dtype=np.float32)
         for i in range(len(frames)):
             logits, self._state = self.model.step(frames_t[i : i + 1], self._state)
-            probs.append(torch.sigmoid(logits))
-        if not probs:
-            return np.zeros((0, self.model.n_classes), dtype=np.float32)
-        return torch.cat(probs).numpy()
+            probs[i] = torch.sigmoid(logits).numpy()[0]
+        return probs
 
 
 class StreamingDetector:

@@ -40,6 +40,7 @@ resolved configuration), ``trials/`` (run directories) and ``tune/`` (Tune's exp
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import itertools
 import json
 import logging
@@ -73,7 +74,8 @@ ATTEMPTS_NAME = "attempts.jsonl"  # in a run directory: one line per start of th
 CHILD_LOG = "child.log"
 CHILD_OBJECT_STORE_BYTES = 512 * 1024**2
 POLL_S = 0.5
-RUNTIME_KEYS = ("federated.ray-address", "sweep.max-concurrent")  # may change between a sweep and its resume
+LOCK_WAIT_S = 120.0
+RUNTIME_KEYS = ("federated.ray-address",)  # may change between a sweep and its resume
 CHILD_ENV_DROP = ("RAY_ADDRESS", "RAY_JOB_ID", "RAY_RAYLET_PID", "RAY_CLIENT_MODE", "OMP_NUM_THREADS")
 
 
@@ -277,11 +279,12 @@ def _child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in CHILD_ENV_DROP}
 
 
-def _start_child(run: Path, config: Config, setup: dict[str, Any], resources: dict[str, float],
-                 saved: int) -> subprocess.Popen:
+def _start_child(name: str, run: Path, config: Config, setup: dict[str, Any], saved: int) -> subprocess.Popen:
     """Start ``python -m fl.sweep run/trial.json``; its output goes to ``run/child.log``."""
     run.mkdir(parents=True, exist_ok=True)
-    spec = {"store": setup["store"], "config": to_dict(config), "out": str(run), "resume": saved > 0,
+    resources = setup["resources"][name]
+    local = apply_flat(config, {"federated.ray-address": ""}, name)  # the child's Ray is its own
+    spec = {"store": setup["store"], "config": to_dict(local), "out": str(run),
             "num_cpus": resources["actors"] * config.federated.client_cpus,
             "num_gpus": resources["actors"] * config.federated.client_gpus,
             "threads": max(1, math.floor(resources["CPU"])), "parent": os.getpid()}
@@ -291,7 +294,7 @@ def _start_child(run: Path, config: Config, setup: dict[str, Any], resources: di
     with open(run / CHILD_LOG, "ab") as child_log:
         return subprocess.Popen([sys.executable, "-m", "fl.sweep", str(run / "trial.json")], stdout=child_log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env(),
-                                cwd=setup["cwd"])
+                                cwd=setup["cwd"] if Path(setup["cwd"]).is_dir() else None)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -324,14 +327,12 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     mode = metric_mode(metric)
     reported = _restore_from_tune(run)
     saved = _checkpoint_round(run / "checkpoint.pt")
-    if not saved and (run / "metrics.jsonl").exists():
-        (run / "metrics.jsonl").unlink()  # rounds of a start that died before its first checkpoint
     values = [r[metric] for r in _read_records(run / "metrics.jsonl")
               if r["round"] <= reported and r.get(metric) is not None]
     best = (max if mode == "max" else min)(values, default=float("nan"))
     process = None
     if saved < rounds or not (run / "model.pt").exists():
-        process = _start_child(run, config, setup, setup["resources"][name], saved)
+        process = _start_child(name, run, config, setup, saved)
     sent = 0
     try:
         while True:
@@ -363,10 +364,34 @@ def _die_with_parent(parent: int) -> None:
         sys.exit(f"trial process {parent} is gone")
 
 
+def _lock_run(run: Path) -> Any:
+    """Hold ``run/trial.lock`` while this process writes the run (a killed attempt's child may linger)."""
+    handle = open(run / "trial.lock", "w")  # held until this process exits
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise DataError(f"{run}: another simulation has been writing this run for over "
+                                f"{LOCK_WAIT_S:.0f} s") from None
+            time.sleep(POLL_S)
+
+
 def _child_main(spec_path: Path) -> int:
     """``python -m fl.sweep SPEC``: one trial's simulation on a private local Ray sized to the reservation."""
     spec = json.loads(spec_path.read_text())
     _die_with_parent(int(spec["parent"]))
+    run = Path(spec["out"])
+    try:
+        lock = _lock_run(run)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    resume = (run / "checkpoint.pt").exists()
+    if not resume and (run / "metrics.jsonl").exists():
+        (run / "metrics.jsonl").unlink()  # rounds of an attempt that died before its first checkpoint
     from fl.runtime import configure_logging
 
     configure_logging(0)
@@ -381,14 +406,14 @@ def _child_main(spec_path: Path) -> int:
     ray.init(address="local", num_cpus=spec["num_cpus"], num_gpus=spec["num_gpus"], include_dashboard=False,
              object_store_memory=CHILD_OBJECT_STORE_BYTES)
     try:
-        result = simulate(Path(spec["store"]), config, Path(spec["out"]), resume=bool(spec["resume"]),
-                          progress=False)
+        result = simulate(Path(spec["store"]), config, run, resume=resume, progress=False)
     except FedsoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        lock.close()
     log.info("trial finished: round %d, val mAP %.4f", result["rounds"], result["mAP"])
     return 0
 
@@ -476,7 +501,7 @@ def _run_tune(store: Path, config: Config, out: Path, trials: list[SweepTrial], 
                           f"more than any Ray node has ({capacity[2]:g} CPUs, {capacity[3]:g} GPUs)")
     names = {_param_key(t.params): t.name for t in trials}
     setup = {"store": str(store), "config": to_dict(config), "runs": str(out / "trials"), "names": names,
-             "resources": resources, "cwd": os.getcwd()}
+             "resources": resources, "cwd": os.getcwd()}  # the child starts where the sweep was started
 
     def bundle(params: dict[str, Any]) -> Any:
         need = resources[names[_param_key(params)]]
@@ -508,14 +533,15 @@ def _run_tune(store: Path, config: Config, out: Path, trials: list[SweepTrial], 
         return tuner.fit()
 
 
-def _trial_summary(trial: SweepTrial, run: Path, metric: str, mode: str, tune_result: Any) -> dict[str, Any]:
+def _trial_summary(trial: SweepTrial, run: Path, metric: str, mode: str, tune_result: Any,
+                   interrupted: bool) -> dict[str, Any]:
     records = _read_records(run / "metrics.jsonl")
     rounds = trial.config.federated.rounds
     row: dict[str, Any] = {"trial": trial.name, **trial.params}
     done = len(records)
-    error = getattr(tune_result, "error", None) if tune_result is not None else None
+    error = tune_result.error if tune_result is not None else None
     row["status"] = ("error" if error is not None else "done" if done >= rounds
-                     else "stopped" if tune_result is not None else "pending")
+                     else "unfinished" if interrupted or tune_result is None else "stopped")
     row["rounds"] = done
     for key in MAXIMISED + MINIMISED:
         values = [r[key] for r in records if r.get(key) is not None]
@@ -525,7 +551,7 @@ def _trial_summary(trial: SweepTrial, run: Path, metric: str, mode: str, tune_re
     values = [(r[metric], r["round"]) for r in records if r.get(metric) is not None]
     row[f"best_{metric}_round"] = ((max if mode == "max" else min)(values)[1] if values else 0)
     row["round_seconds"] = sum(float(r.get("seconds") or 0.0) for r in records)
-    metrics = getattr(tune_result, "metrics", None) or {}
+    metrics = (tune_result.metrics if tune_result is not None else None) or {}
     row["seconds"] = float(metrics.get("time_total_s", float("nan")))
     row["error"] = str(error).strip().splitlines()[-1][:300] if error is not None else ""
     row["run"] = str(run)
@@ -603,11 +629,14 @@ def plot_trial_curves(trials: list[SweepTrial], runs: Path, metric: str, out_png
     _save_figure(fig, out_png)
 
 
-def write_outputs(out: Path, trials: list[SweepTrial], config: Config, tune_results: dict[str, Any]) -> dict:
-    """results.csv, best.json, heatmap.png and curves.png of a sweep; returns the best trial's summary."""
+def write_outputs(out: Path, trials: list[SweepTrial], config: Config, tune_results: dict[str, Any],
+                  interrupted: bool = False) -> dict | None:
+    """results.csv, best.json, heatmap.png and curves.png of a sweep; returns the best trial's summary (None
+    when no trial has a result yet). Trials short of their rounds are ``stopped`` (early-stopping scheduler)
+    or, when ``interrupted``, ``unfinished``."""
     metric, mode = config.sweep.metric, metric_mode(config.sweep.metric)
     runs = out / "trials"
-    rows = [_trial_summary(t, runs / t.name, metric, mode, tune_results.get(t.name)) for t in trials]
+    rows = [_trial_summary(t, runs / t.name, metric, mode, tune_results.get(t.name), interrupted) for t in trials]
     results = pd.DataFrame(rows)
     tmp = out / "results.csv.tmp"
     results.to_csv(tmp, index=False)
@@ -617,8 +646,7 @@ def write_outputs(out: Path, trials: list[SweepTrial], config: Config, tune_resu
     plot_trial_curves(trials, runs, metric, out / "curves.png")
     finished = [r for r in rows if r["rounds"] and np.isfinite(r[f"final_{metric}"])]
     if not finished:
-        first = next((r["error"] for r in rows if r["error"]), "no trial completed a round")
-        raise DataError(f"{out}: no trial of the sweep produced a result ({first})")
+        return None
     best = (max if mode == "max" else min)(finished, key=lambda r: r[f"final_{metric}"])
     summary = {"trial": best["trial"], "params": {k: best[k] for k in keys}, "metric": metric, "mode": mode,
                "selected_by": f"final_{metric}", "rounds": best["rounds"], "run": best["run"],
@@ -666,10 +694,16 @@ def run_sweep(store: Path, config: Config, out: Path, resume: bool = False, prog
     finally:
         if started_ray:
             ray.shutdown()
-    by_name = {}
-    for result in result_grid:
-        by_name[Path(result.path).name] = result
-    best = write_outputs(out, trials, config, by_name)
+    by_name = {Path(result.path).name: result for result in result_grid}
+    interrupted = result_grid.num_terminated + result_grid.num_errors < len(result_grid)
+    best = write_outputs(out, trials, config, by_name, interrupted)
+    if interrupted:  # Tune catches Ctrl+C, saves its state and returns
+        log.warning("sweep interrupted; partial results in %s; continue it with --resume", out / "results.csv")
+        raise KeyboardInterrupt
+    if best is None:
+        first = next((r.error for r in result_grid if r.error), None)
+        reason = str(first).strip().splitlines()[-1][:300] if first else "no trial completed a round"
+        raise DataError(f"{out}: no trial of the sweep produced a result ({reason})")
     log.info("sweep %s: best %s with final val %s %.4f", out, best["trial"], best["metric"],
              best["metrics"][f"final_{best['metric']}"])
     return best

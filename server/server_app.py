@@ -25,6 +25,8 @@ from server.strategy import SampledGrid, build_strategy, restore_strategy_state,
 app = ServerApp()
 log = logging.getLogger("fedsound.server")
 REPLY_TIMEOUT_S = 3600.0
+NODE_WAIT_S = 600.0  # how long to wait for a node of every partition to appear
+NODE_POLL_S = 0.2
 
 
 @app.main()
@@ -38,14 +40,29 @@ def evaluate_global(model: torch.nn.Module, store: FeatureStore, config: Config)
     return evaluate(model, store, "val", pick_device(config.train.device))
 
 
-def map_partitions(grid: Grid) -> dict[int, int]:
-    """Ask every node which partition it holds: partition id -> node id."""
-    node_ids = list(grid.get_node_ids())
-    messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
-    mapping = {}
-    for reply in grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S):
-        if not reply.has_error():
-            mapping[int(reply.content["metrics"]["partition-id"])] = reply.metadata.src_node_id
+def map_partitions(grid: Grid, n_partitions: int, wait_s: float = NODE_WAIT_S) -> dict[int, int]:
+    """Ask the nodes which partition each holds: partition id -> node id.
+
+    Nodes may still be registering when the ServerApp starts (the Simulation Engine registers its supernodes
+    while the ServerApp thread is already running; real SuperNodes connect when they connect), so nodes that
+    appear later are asked too, until every partition has a node or ``wait_s`` has passed.
+    """
+    mapping: dict[int, int] = {}
+    asked: set[int] = set()
+    deadline = time.monotonic() + wait_s
+    while not set(range(n_partitions)) <= mapping.keys() and time.monotonic() < deadline:
+        new = [n for n in grid.get_node_ids() if n not in asked]
+        if not new:
+            time.sleep(NODE_POLL_S)
+            continue
+        asked.update(new)
+        messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in new]
+        for reply in grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S):
+            if reply.has_error():
+                log.warning("node %d did not say which partition it holds: %s", reply.metadata.src_node_id,
+                            reply.error.reason.splitlines()[0] if reply.error.reason else "?")
+            else:
+                mapping[int(reply.content["metrics"]["partition-id"])] = reply.metadata.src_node_id
     return mapping
 
 
@@ -69,7 +86,7 @@ def run_federated(grid: Grid, settings: RunSettings) -> None:
         run.truncate(start - 1, "round")
         log.info("resuming %s at round %d", settings.out, start)
     arrays = ArrayRecord(model.state_dict())
-    nodes = map_partitions(grid)
+    nodes = map_partitions(grid, plan.n_clients)
     partition_of = {node: partition for partition, node in nodes.items()}
     missing = [p for p in range(plan.n_clients) if p not in nodes]
     if missing:
@@ -110,11 +127,14 @@ def run_federated(grid: Grid, settings: RunSettings) -> None:
             # the global model in the model's own dtypes, exactly as a checkpoint holds it (strategies may
             # return float64), so that a resumed run continues from the same arrays
             arrays = ArrayRecord(model.state_dict())
+        evaluated = time.perf_counter()
         metrics = evaluate_global(model, store, config)
+        eval_seconds = time.perf_counter() - evaluated
         record = {"round": server_round, **{k: metrics[k] for k in ("mAP", "dprime", "lwlrap", "micro_pr_auc")},
                   "train_loss": float(train_metrics["train_loss"]) if train_metrics else None,
                   "clients_sampled": sampled, "clients_rejected": rejected, "clients_failed": failed,
-                  "train_seconds": train_seconds, "seconds": time.perf_counter() - started}
+                  "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                  "seconds": time.perf_counter() - started}
         run.append(record)
         run.save_checkpoint({"model": model.state_dict(), "round": server_round, "seed": config.seed,
                              "strategy": strategy_state(strategy)})

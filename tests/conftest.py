@@ -26,7 +26,7 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return store
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config() -> Config:
     """A fast configuration: 16-channel TCN on CPU, 2 federated rounds of half the clients, 1 local epoch."""
     return load_config(overrides={

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context
 from flwr.common.config import get_fused_config_from_dir
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
@@ -113,7 +113,7 @@ def test_two_rounds_write_metrics_model_and_plot(uninterrupted: Path, sim_config
         assert 0 < record["train_seconds"] and 0 < record["seconds"]
     for name in ("model.pt", "curves.png", "checkpoint.pt", "config.json", "partition.json"):
         assert (uninterrupted / name).stat().st_size > 0
-    model, extra = load_model(uninterrupted / "model.pt")
+    model, _ = load_model(uninterrupted / "model.pt")
     assert model.config.channels == sim_config.model.channels
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert RunDir(uninterrupted).load_checkpoint()["round"] == 2
@@ -177,7 +177,7 @@ def strategy_runs(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest
     """Run ``run_federated`` for one round of each strategy, three clients per round, inside one simulation."""
     base = tmp_path_factory.mktemp("strategies")
     config = apply_flat(sim_config, {"federated.rounds": 1, "federated.fraction": 0.1, "federated.min-clients": 3,
-                                     "federated.proximal-mu": 1.0}, "test")
+                                     "federated.proximal-mu": 1.0, "train.batch-size": 4}, "test")
     plan_path, _, _ = build_partition(tiny_store, config, base / "partition.json")
     runs = {}
     for name in STRATEGIES:
@@ -214,11 +214,20 @@ def test_every_strategy_runs_one_round(strategy_runs: dict, tiny_store: Path, st
     assert any(not torch.equal(weights[k], initial[k]) for k in weights)
     state = RunDir(out).load_checkpoint()["strategy"]
     assert set(STATEFUL.get(strategy, ())) <= state.keys()
-    fresh = build_strategy(RunSettings.__annotations__ and replace(
-        strategy_runs["config"], federated=replace(strategy_runs["config"].federated, strategy=strategy)))
+    config = strategy_runs["config"]
+    fresh = build_strategy(replace(config, federated=replace(config.federated, strategy=strategy)))
     restore_strategy_state(fresh, state)
     for name in STATEFUL.get(strategy, ()):
-        assert getattr(fresh, name) is not None
+        restored, saved = plain_arrays(getattr(fresh, name)), plain_arrays(state[name])
+        assert len(restored) == len(saved) > 0
+        assert all(np.array_equal(a, b) for a, b in zip(restored, saved, strict=True))
+
+
+def plain_arrays(value: ArrayRecord | dict | list) -> list[np.ndarray]:
+    """The arrays of a strategy's state attribute or of its checkpointed form, in order."""
+    if isinstance(value, ArrayRecord):
+        return [array.numpy() for array in value.values()]
+    return [np.asarray(v) for v in (value.values() if isinstance(value, dict) else value)]
 
 
 def replay_clients(strategy_runs: dict, store_path: Path, sampled: list[int]) -> tuple[list, np.ndarray]:

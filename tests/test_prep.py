@@ -36,6 +36,7 @@ BAD = {
     "904": "audio file missing",
     "905": "audio file without a ground-truth row",
     "906": "missing uploader",
+    "907": "too short",
 }
 
 
@@ -50,15 +51,17 @@ def bad_clips() -> list[TreeClip]:
         TreeClip("904", "train", "user006", ("Bark",), None),
         TreeClip("905", "train", "user007", ("Bark",), tone(0.5), listed=False),
         TreeClip("906", "train", "", ("Bark",), tone(0.5)),
+        TreeClip("907", "eval", "user001", ("Meow",), tone(0.01)),  # 441 samples: less than the STFT's padding
     ]
 
 
 def odd_clips() -> list[TreeClip]:
-    """Good but unusual: stereo, and 48 kHz instead of 44.1 kHz."""
+    """Good but unusual: stereo, 48 kHz instead of 44.1 kHz, and the shortest clip the frontend takes."""
     stereo = np.stack([tone(0.8, seed=11), tone(0.8, freq=1500.0, seed=12)], axis=1)
     return [
         TreeClip("950", "train", "user004", ("Whistling",), stereo),
         TreeClip("951", "eval", "user000", ("Clapping", "Meow"), tone(1.2, rate=48000, seed=13), rate=48000),
+        TreeClip("952", "val", "user003", ("Bark",), tone(662 / 44100, seed=14)),  # 331 samples at 22.05 kHz
     ]
 
 
@@ -132,6 +135,7 @@ def test_stereo_is_mixed_down_and_48k_is_resampled_with_a_warning(prepared):
 def test_stored_frames_equal_the_frontend_on_each_clip(prepared):
     root, by_name, path, _, _ = prepared
     store = FeatureStore(path)
+    assert "952" in set(store.table("val").clips["fname"])  # the shortest clip is kept (2 frames, tiled)
     for split in store.splits:
         clips = store.table(split).clips
         for fname, offset, n in zip(clips["fname"], clips["offset"], clips["n_frames"], strict=True):

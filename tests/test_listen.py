@@ -1,0 +1,202 @@
+"""``listen``: a real exported bundle (a small TCN trained on a synthetic stream) on a real WAV file, the
+microphone path through the same code with an in-memory input stream, --exec, Ctrl-C and bad input."""
+
+import json
+import shlex
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+from scipy.signal import resample_poly
+
+from clients import listen as listen_module
+from clients.bench_stream import LABELS, frame_targets, match_events, synthetic_event_stream, train_event_model
+from clients.bundle import export_bundle, load_bundle
+from clients.listen import (
+    ArraySource,
+    FileSource,
+    ListenError,
+    MicSource,
+    detector_settings,
+    listen,
+    open_microphone,
+    parse_exec_map,
+    run_detector,
+)
+from clients.stream import StreamingDetector, single_thread
+from fl.config import Config, DetectorConfig, FrontendConfig, to_dict
+from fl.frontend import Frontend
+from fl.model_io import save_model
+from fl.models import ModelConfig
+
+FRONTEND = FrontendConfig(sample_rate=16000, n_fft=400, hop_length=160, n_mels=32, patch_frames=50, patch_hop=25)
+FILE_RATE = 32000  # the WAV is written at twice the rate: listen resamples it once
+
+
+class MemoryInputStream:
+    """An in-memory stand-in for sounddevice.InputStream: reads return the next samples, then nothing."""
+
+    def __init__(self, samples: np.ndarray, interrupt_after: int | None = None) -> None:
+        self.samples = samples
+        self.position = 0
+        self.reads = 0
+        self.interrupt_after = interrupt_after
+        self.started = self.stopped = self.closed = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def read(self, frames: int) -> tuple[np.ndarray, bool]:
+        if self.interrupt_after is not None and self.reads == self.interrupt_after:
+            raise KeyboardInterrupt
+        self.reads += 1
+        chunk = self.samples[self.position : self.position + frames]
+        self.position += len(chunk)
+        return chunk.reshape(-1, 1), False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A bundle of a 16-channel TCN trained for 100 steps on 40 s of clicks and whistles, and a test WAV."""
+    root = tmp_path_factory.mktemp("listen")
+    with single_thread():
+        frontend = Frontend(FRONTEND)
+        train = synthetic_event_stream(40.0, FRONTEND.sample_rate, np.random.default_rng(1))
+        frames = frontend.frames(train.wave, FRONTEND.sample_rate)
+        model = train_event_model(frames, frame_targets(train, FRONTEND, len(frames)),
+                                  ModelConfig(channels=16, dropout=0.0), steps=100, seed=0)
+    save_model(root / "model.pt", model, {"labels": list(LABELS), "mids": ["/t/click", "/t/whistle"],
+                                          "frontend": to_dict(FRONTEND)})
+    bundle = export_bundle(root / "model.pt", root / "bundle", Config())
+    test = synthetic_event_stream(8.0, FRONTEND.sample_rate, np.random.default_rng(7))
+    wav = root / "test.wav"
+    sf.write(wav, resample_poly(test.wave, FILE_RATE // FRONTEND.sample_rate, 1), FILE_RATE, subtype="PCM_16")
+    return bundle, wav, test
+
+
+def json_events(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def detector_for(bundle_path, settings=None):
+    bundle = load_bundle(bundle_path)
+    return StreamingDetector(bundle.model, bundle.frontend(), bundle.labels, settings or bundle.detector)
+
+
+def test_listen_on_a_file_emits_the_expected_events_and_runs_exec(setup, tmp_path, capsys):
+    bundle, wav, test = setup
+    marks = tmp_path / "marks.txt"
+    code = "import os, sys; open(sys.argv[1], 'a').write(os.environ['FEDSOUND_LABEL'] + '\\n')"
+    command = shlex.join([sys.executable, "-c", code, str(marks)])
+    assert listen(bundle, Config(), input_=str(wav), as_json=True, exec_map=[f"click={command}"]) == 0
+    captured = capsys.readouterr()
+    lines = json_events(captured.out)
+    onsets = [e for e in lines if e["type"] == "onset"]
+    assert all({"label", "onset_s", "offset_s", "score", "latency_ms"} <= set(e) for e in lines)
+    # each true event detected once, with its label, soon after its true onset; nothing else
+    assert [e["label"] for e in onsets] == [label for label, _, _ in test.events]
+    for event, (_, onset, _) in zip(onsets, test.events, strict=True):
+        assert abs(event["onset_s"] - onset) < 0.03
+        assert 0 <= event["emitted_s"] - onset < 0.1
+        assert event["score"] >= 0.5
+    assert sum(e["type"] == "offset" for e in lines) == len(onsets)
+    n_clicks = sum(label == "click" for label, _, _ in test.events)
+    assert marks.read_text().splitlines() == ["click"] * n_clicks
+    assert f"{len(onsets)} events (click {n_clicks}, whistle {len(onsets) - n_clicks})" in captured.err
+    assert "real-time factor" in captured.err
+
+
+def test_file_and_microphone_paths_give_the_same_events(setup, capsys, monkeypatch):
+    bundle_path, wav, test = setup
+    bundle = load_bundle(bundle_path)
+    samples = FileSource(wav, bundle.frontend(), 160).samples
+    from_file = run_detector(detector_for(bundle_path), ArraySource(samples, FRONTEND.sample_rate, 160))
+    stream = MemoryInputStream(samples)
+    mic = MicSource(stream, FRONTEND.sample_rate, 160)
+    from_mic = run_detector(detector_for(bundle_path), mic)
+    assert stream.started and stream.stopped and stream.closed
+    assert [e.to_dict() for e in from_mic.events] == [e.to_dict() for e in from_file.events]
+    assert len(from_file.events) == 2 * len(test.events)
+    # and `listen --input mic` itself, with the microphone replaced by the in-memory stream
+    monkeypatch.setattr(listen_module, "open_microphone",
+                        lambda rate, block: MicSource(MemoryInputStream(samples), rate, block))
+    assert listen(bundle_path, Config(), input_="mic", as_json=True) == 0
+    assert json_events(capsys.readouterr().out) == [e.to_dict() for e in from_file.events]
+
+
+def test_ctrl_c_stops_cleanly_with_a_summary(setup, capsys, monkeypatch):
+    bundle_path, wav, test = setup
+    samples = FileSource(wav, load_bundle(bundle_path).frontend(), 160).samples
+    stream = MemoryInputStream(samples, interrupt_after=300)  # 300 blocks = 3 s
+    summary = run_detector(detector_for(bundle_path), MicSource(stream, FRONTEND.sample_rate, 160))
+    assert summary.interrupted and stream.closed
+    assert summary.audio_s == pytest.approx(300 * 160 / FRONTEND.sample_rate)
+    expected = sum(onset < 2.9 for _, onset, _ in test.events)
+    assert sum(summary.onsets_per_label.values()) == expected
+    assert all(e.onset_s < 3.0 for e in summary.events)
+    monkeypatch.setattr(listen_module, "open_microphone",
+                        lambda rate, block: MicSource(MemoryInputStream(samples, 300), rate, block))
+    assert listen(bundle_path, Config(), input_="mic") == 0
+    assert "interrupted: " in capsys.readouterr().err
+
+
+def test_realtime_pacing_delivers_the_same_blocks():
+    samples = np.arange(1000, dtype=np.float32)
+    paced = list(ArraySource(samples, 20000, 160, realtime=True).blocks())  # 50 ms of audio
+    assert [len(b) for b in paced] == [160] * 6 + [40]
+    np.testing.assert_array_equal(np.concatenate(paced), samples)
+
+
+def test_microphone_without_sounddevice_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sounddevice", None)  # import fails as if not installed
+    with pytest.raises(ListenError, match=r"pip install 'fedsound\[mic\]'") as info:
+        open_microphone(16000, 160)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_inputs_and_exec_mappings_are_clear_errors(setup, tmp_path):
+    bundle, _, _ = setup
+    with pytest.raises(ListenError, match="audio file not found"):
+        listen(bundle, Config(), input_=str(tmp_path / "missing.wav"))
+    junk = tmp_path / "junk.wav"
+    junk.write_text("not audio")
+    with pytest.raises(ListenError, match="cannot read audio file"):
+        listen(bundle, Config(), input_=str(junk))
+    with pytest.raises(ListenError, match="expected LABEL=COMMAND"):
+        parse_exec_map(["click"], LABELS)
+    with pytest.raises(ListenError, match="unknown label 'snap'"):
+        parse_exec_map(["snap=true"], LABELS)
+    with pytest.raises(ListenError, match="command 'no-such-command-xyz' not found"):
+        parse_exec_map(["click=no-such-command-xyz --flag"], LABELS)
+    assert parse_exec_map(["click=echo 'a b'", "click=true"], LABELS) == {"click": [["echo", "a b"], ["true"]]}
+
+
+def test_run_configuration_overrides_only_the_detector_keys_it_changes():
+    bundle_settings = DetectorConfig(on_threshold=0.7, off_threshold=0.5, refractory_ms=100)
+    merged = detector_settings(bundle_settings, DetectorConfig(min_duration_ms=50, block_size=400))
+    assert merged == DetectorConfig(on_threshold=0.7, off_threshold=0.5, refractory_ms=100, min_duration_ms=50,
+                                    block_size=400)
+    assert detector_settings(bundle_settings, DetectorConfig()) == bundle_settings
+
+
+def test_a_stricter_threshold_from_the_run_configuration_silences_events(setup, capsys):
+    bundle, wav, _ = setup
+    listen(bundle, Config(detector=DetectorConfig(on_threshold=0.9999, off_threshold=0.9)), input_=str(wav),
+           as_json=True)
+    assert sum(e["type"] == "onset" for e in json_events(capsys.readouterr().out)) == 0
+
+
+def test_detection_matching_helper_counts_hits_and_false_onsets(setup):
+    bundle_path, wav, test = setup
+    bundle = load_bundle(bundle_path)
+    source = FileSource(wav, bundle.frontend(), 160)
+    summary = run_detector(detector_for(bundle_path), source)
+    records, false_onsets = match_events(test.events, summary.events)
+    assert false_onsets == 0 and all(r["latency_ms"] is not None for r in records)
