@@ -71,6 +71,7 @@ def _fresh(path: Path) -> Path:
     """An empty output folder of this benchmark (the previous run's is removed)."""
     if path.exists():
         shutil.rmtree(path)
+    path.mkdir(parents=True)
     return path
 
 

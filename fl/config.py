@@ -61,6 +61,8 @@ class FrontendConfig:
         _check(self.patch_frames >= 1, "patch-frames", "must be at least 1")
         _check(1 <= self.patch_hop, "patch-hop", "must be at least 1")
         _check(self.store_dtype in ("float16", "float32"), "store-dtype", "must be 'float16' or 'float32'")
+        _check(self.scale == "log" or self.store_dtype == "float32", "store-dtype",
+               "must be 'float32' with scale = 'linear' (mel power overflows float16)")
 
     @property
     def frames_per_second(self) -> float:

@@ -86,7 +86,7 @@ def test_patch_frame_indices_address_clips_inside_one_frame_array():
 
 def test_linear_features_equal_fsd_fed_torchaudio_computation():
     wave = np.stack([tone(2.0, seed=1), tone(2.0, freq=3000.0, seed=2)]).mean(axis=0)
-    ours = Frontend(FrontendConfig(scale="linear")).frames(wave, 44100)
+    ours = Frontend(FrontendConfig(scale="linear", store_dtype="float32")).frames(wave, 44100)
     signal = torchaudio.transforms.Resample(44100, 22050)(torch.from_numpy(wave))
     mel = torchaudio.transforms.MelSpectrogram(sample_rate=22050, n_fft=660, hop_length=220, n_mels=96)
     expected = mel(signal).T.numpy()
@@ -97,7 +97,7 @@ def test_linear_features_equal_fsd_fed_torchaudio_computation():
 def test_log_scale_is_the_floored_log_of_linear():
     wave = tone(0.5, seed=3)
     wave[:4000] = 0.0  # digital silence hits the floor
-    linear = Frontend(FrontendConfig(scale="linear")).frames(wave, 44100)
+    linear = Frontend(FrontendConfig(scale="linear", store_dtype="float32")).frames(wave, 44100)
     log = Frontend(CONFIG).frames(wave, 44100)
     np.testing.assert_allclose(log, np.log(np.maximum(linear, CONFIG.log_floor)), rtol=1e-5, atol=1e-5)
     assert log.min() == pytest.approx(np.log(CONFIG.log_floor))

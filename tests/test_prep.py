@@ -37,6 +37,7 @@ BAD = {
     "905": "audio file without a ground-truth row",
     "906": "missing uploader",
     "907": "too short",
+    "908": "unknown label(s) Kazoo",
 }
 
 
@@ -52,6 +53,7 @@ def bad_clips() -> list[TreeClip]:
         TreeClip("905", "train", "user007", ("Bark",), tone(0.5), listed=False),
         TreeClip("906", "train", "", ("Bark",), tone(0.5)),
         TreeClip("907", "eval", "user001", ("Meow",), tone(0.01)),  # 441 samples: less than the STFT's padding
+        TreeClip("908", "val", "user002", ("Bark", "Kazoo"), tone(0.5)),
     ]
 
 

@@ -13,7 +13,7 @@ from fl.models import ModelConfig, build_model
 CONFIGS = {
     "default": FrontendConfig(),  # 22.05 kHz, n_fft 660, hop 220, 96 bands
     "odd": FrontendConfig(sample_rate=8000, n_fft=201, win_length=160, hop_length=80, n_mels=20,
-                          scale="linear"),
+                          scale="linear", store_dtype="float32"),
 }
 BLOCKS = [1, 160, 1000, 37, 997]
 
