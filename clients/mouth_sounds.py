@@ -359,11 +359,14 @@ def enrollment_take(kind: str, voice: Voice, seed: Seed, sample_rate: int = SAMP
 
 
 def background_take(voice: Voice, seed: Seed, sample_rate: int = SAMPLE_RATE, seconds: float = 20.0) -> Stream:
-    """Background material of a user: their room with its noises, and their own speech with pauses."""
+    """Background material of a user: their room with its noises (sometimes a television), their own speech."""
     rng = _rng(seed)
     n = int(seconds * sample_rate)
     wave = _floor(rng, n, sample_rate, quiet=False)
     aggressors = []
+    if rng.random() < 0.3:  # a television or other people talking in the room
+        wave += noise_bed("babble", n, rng, sample_rate) * db_to_gain(rng.uniform(-45, -30))
+        aggressors.append(("babble", 0.0, seconds))
     pos = int(rng.uniform(0.2, 1.0) * sample_rate)
     while pos < n - sample_rate:
         length = min(rng.uniform(1.0, 4.0), (n - pos) / sample_rate - 0.1)

@@ -123,7 +123,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                             "sweep.max-concurrent": args.max_concurrent})
     out = Path(args.out) if args.out else Path(args.workdir) / "sweeps" / "sweep"
     best = run_sweep(Path(args.store), config, out, resume=args.resume, progress=_progress(args))
-    print(f"sweep: {out}  best {best}")
+    print(f"sweep: {out}  best trial {best['trial']} {best['params']}: "
+          f"final val mAP {best['metrics']['final_mAP']:.4f}")
     return 0
 
 
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
 
     p = add("sweep", cmd_sweep, "Ray Tune grid over federated parameters")
+    p.set_defaults(config=CONFIG_DIR / "sweep" / "fsd_fed_grid.toml")
     p.add_argument("store")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--max-concurrent", type=int, default=None)

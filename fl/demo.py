@@ -125,6 +125,16 @@ def run_demo(workdir: Path, seed: int = 0, sweep: bool = False, progress: bool =
     print(f"algorithmic latency {latency_ms:.1f} ms; {len(events)} events")
     made.append(("test stream", stream_wav))
 
+    if sweep:
+        _stage("9. a tiny Ray Tune grid over the federated parameters")
+        from fl.sweep import run_sweep
+
+        sweep_dir = workdir / "sweeps" / "tiny"
+        grid = load_config(CONFIG_DIR / "demo.toml", CONFIG_DIR / "sweep" / "tiny.toml", overrides={"seed": seed})
+        best = run_sweep(store, grid, sweep_dir, resume=(sweep_dir / "sweep.json").exists(), progress=progress)
+        print(f"best trial {best['trial']} {best['params']}: final val mAP {best['metrics']['final_mAP']:.4f}")
+        made.append(("sweep", sweep_dir))
+
     _stage("summary")
     for label, path in made:
         print(f"  {label:15s} {path}")

@@ -30,7 +30,6 @@ def configure_environment(workdir: Path) -> None:
     os.environ.setdefault("RAY_TMPDIR", str(ray_tmp))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TUNE_RESULT_DIR", str(workdir / "ray_results"))
 
 
 def configure_logging(verbosity: int) -> None:

@@ -683,7 +683,6 @@ def run_sweep(store: Path, config: Config, out: Path, resume: bool = False, prog
 
     import ray
 
-    os.environ.pop("TUNE_RESULT_DIR", None)  # Tune 2.55 refuses to run while it is set; storage_path is used
     # Every round is checkpointed, so Tune snapshots its state often; that is wanted here, not worth a warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started_ray = not ray.is_initialized()

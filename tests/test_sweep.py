@@ -102,7 +102,7 @@ def test_grid_sweep_writes_results(workdir: Path, tiny_store: Path, sweep_config
 def test_killed_sweep_resumes_without_rerunning_finished_trials(workdir: Path, tiny_store: Path,
                                                                 sweep_config: Config) -> None:
     out = workdir / "killed"
-    first, second = (out / "trials" / t.name for t in expand_grid(sweep_config))
+    runs = [out / "trials" / t.name for t in expand_grid(sweep_config)]
     script = ("import sys; from pathlib import Path; from fl.config import load_config; from fl.sweep import "
               "run_sweep; run_sweep(Path(sys.argv[1]), load_config(Path(sys.argv[2]), overrides={'seed': 0, "
               "'train.batch-size': 32, 'train.device': 'cpu'}), Path(sys.argv[3]), progress=False)")
@@ -110,15 +110,16 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(workdir: Path, t
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     try:
         deadline = time.monotonic() + 150
-        while not attempts(second):  # one trial at a time: the first has finished when the second starts
+        while not all(attempts(run) for run in runs):  # one at a time: the first has finished when the second starts
             assert driver.poll() is None, "the sweep ended before it could be killed"
             assert time.monotonic() < deadline, "the second trial never started"
             time.sleep(0.2)
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-    first_records = (first / "metrics.jsonl").read_text()
+    first, second = sorted(runs, key=lambda run: not (run / "model.pt").exists())
     assert (first / "model.pt").exists() and not (second / "model.pt").exists()
+    first_records = (first / "metrics.jsonl").read_text()
 
     run_sweep(tiny_store, sweep_config, out, resume=True, progress=False)
     check_results(out, sweep_config)
