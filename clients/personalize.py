@@ -73,9 +73,11 @@ class PersonalizeConfig:
     lr: float = 2e-3
     inflate_frames: int = -1  # -1: half the receptive field
     positive_weight: float = 2.0  # BCE weight of sound frames (they are rarer than background frames)
-    gain_db: float = 6.0  # random gain of each piece, +-
+    gain_db: float = 6.0  # random gain of each sound piece, +-
+    aggressor_gain_db: tuple[float, ...] = (-6.0, 20.0)  # random gain of each aggressor piece: rooms get louder
     mix_probability: float = 0.5
     mix_gain_db: tuple[float, ...] = (-20.0, 0.0)  # gain of the background mixed under a sound piece
+    bundle_share: float = 0.5  # share of aggressor frames taken from the bundle's patches (rest: the user's)
     min_examples: int = MIN_EXAMPLES
     holdout_fraction: float = 0.3
     off_ratio: float = 0.6
@@ -92,7 +94,10 @@ class PersonalizeConfig:
             (self.inflate_frames >= -1, "inflate-frames", "must be -1 (half the receptive field) or >= 0"),
             (self.positive_weight > 0, "positive-weight", "must be positive"),
             (self.gain_db >= 0, "gain-db", "must be non-negative"),
+            (len(self.aggressor_gain_db) == 2 and self.aggressor_gain_db[0] <= self.aggressor_gain_db[1],
+             "aggressor-gain-db", "must be [low, high] with low <= high"),
             (0 <= self.mix_probability <= 1, "mix-probability", "must be in [0, 1]"),
+            (0 <= self.bundle_share <= 1, "bundle-share", "must be in [0, 1]"),
             (len(self.mix_gain_db) == 2 and self.mix_gain_db[0] <= self.mix_gain_db[1], "mix-gain-db",
              "must be [low, high] with low <= high"),
             (self.min_examples >= 2, "min-examples", "must be at least 2 (one to train, one held out)"),
@@ -167,7 +172,8 @@ class PersonalData:
     sounds: list[str]
     train: list[LabelledTake]
     held_out: list[LabelledTake]
-    background_train: list[np.ndarray]  # frame arrays of aggressor material
+    user_background: list[np.ndarray]  # frame arrays of the user's background material (training part)
+    bundle_background: list[np.ndarray]  # the bundle's background patches (training part)
     background_held_out: list[np.ndarray]
     frame_s: float
     inflate: int
@@ -223,23 +229,24 @@ def prepare_data(profile: Profile, bundle: Bundle, settings: PersonalizeConfig, 
             take = label_take(frontend.frames(wave, rate), examples[i].segments, k, frame_s, inflate)
             (held_out if rank < n_held else train).append(take)
         counts[name] = {"examples": len(examples), "train": len(examples) - n_held, "held_out": n_held}
-    background_train, background_held_out = [], []
+    user_background, bundle_background, background_held_out = [], [], []
     for example in profile.background:
         wave, rate = profile.read(example)
         frames = frontend.frames(wave, rate)
-        cut = int(0.7 * len(frames))
-        background_train.append(frames[:cut])
+        cut = int((1.0 - settings.holdout_fraction) * len(frames))
+        user_background.append(frames[:cut])
         background_held_out.append(frames[cut:])
     patches = bundle.background()
     if patches is not None:
         order = rng.permutation(len(patches[0]))
-        cut = int(0.7 * len(order))
-        background_train += list(patches[0][order[:cut]])
+        cut = int((1.0 - settings.holdout_fraction) * len(order))
+        bundle_background += list(patches[0][order[:cut]])
         background_held_out += list(patches[0][order[cut:]])
-    if not background_train:
+    if not user_background and not bundle_background:
         raise PersonalizeError(f"{profile.path}: no background material: enroll some with "
                                f"`fedsound enroll {profile.path} --background ...` (the bundle carries none)")
-    return PersonalData(sounds, train, held_out, background_train, background_held_out, frame_s, inflate, counts)
+    return PersonalData(sounds, train, held_out, user_background, bundle_background, background_held_out, frame_s,
+                        inflate, counts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,11 +265,16 @@ def _crop(rng: np.random.Generator, frames: np.ndarray, length: int) -> np.ndarr
     return frames[start : start + length]
 
 
-def _background_piece(rng: np.random.Generator, data: PersonalData, length: int) -> np.ndarray:
-    """``length`` frames of aggressor material (pieces of several sources concatenated when needed)."""
+def _background_piece(rng: np.random.Generator, data: PersonalData, settings: PersonalizeConfig, length: int
+                      ) -> np.ndarray:
+    """``length`` frames of aggressor material: the user's (``1 - bundle-share``) or the bundle's patches."""
     parts, have = [], 0
     while have < length:
-        source = data.background_train[int(rng.integers(len(data.background_train)))]
+        use_bundle = not data.user_background or (bool(data.bundle_background)
+                                                  and rng.random() < settings.bundle_share)
+        sources = data.bundle_background if use_bundle else data.user_background
+        weights = np.array([len(f) for f in sources], dtype=np.float64)
+        source = sources[int(rng.choice(len(sources), p=weights / weights.sum()))]
         part = _crop(rng, source, length - have)
         parts.append(part)
         have += len(part)
@@ -283,7 +295,8 @@ def _sound_piece(rng: np.random.Generator, data: PersonalData, settings: Persona
     stop = min(len(take.frames), end + int(rng.integers(5, 2 * data.inflate + 20)))
     frames = take.frames[start:stop] + _gain(rng, settings.gain_db)
     if rng.random() < settings.mix_probability:
-        noise = _background_piece(rng, data, len(frames)) + float(rng.uniform(*settings.mix_gain_db)) * np.log(10) / 10
+        noise = _background_piece(rng, data, settings, len(frames))
+        noise = noise + float(rng.uniform(*settings.mix_gain_db)) * np.log(10.0) / 10.0
         frames = np.logaddexp(frames, noise)
     return frames, take.classes[start:stop], take.mask[start:stop]
 
@@ -303,7 +316,8 @@ def make_batch(rng: np.random.Generator, data: PersonalData, settings: Personali
             sound_frames += len(piece[0])
         aggressor_frames = 0
         while aggressor_frames < length - length // 2:
-            frames = _background_piece(rng, data, int(rng.integers(30, 150))) + _gain(rng, settings.gain_db)
+            frames = _background_piece(rng, data, settings, int(rng.integers(30, 150)))
+            frames = frames + float(rng.uniform(*settings.aggressor_gain_db)) * np.log(10.0) / 10.0
             pieces.append((frames, np.zeros(len(frames), np.int64), np.ones(len(frames), bool)))
             aggressor_frames += len(frames)
         order = rng.permutation(len(pieces))
