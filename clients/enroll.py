@@ -29,6 +29,7 @@ import numpy as np
 import soundfile as sf
 
 from clients.profile import Profile, Take, check_sound_name
+from fl.config import PersonalizeConfig
 from fl.errors import FedsoundError
 
 RECORD_RATE = 16000
@@ -39,7 +40,7 @@ SILENT_PEAK_DBFS = -60.0
 MIN_SOUND_DB = 10.0
 CLIP_LEVEL = 0.999
 CLIP_RUN = 3
-MIN_EXAMPLES = 5
+MIN_EXAMPLES = PersonalizeConfig().min_examples
 SOUND_TAKE_S = 2.0
 BACKGROUND_TAKE_S = 10.0
 RETRIES = 3
@@ -89,19 +90,24 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True))
 
 
-def energy_segments(wave: np.ndarray, sample_rate: int) -> list[tuple[float, float]]:
-    """Lea et al.'s energy labels: ``[(onset_s, offset_s), ...]`` of the frames that carry the sound.
-
-    Frames whose energy exceeds the take's mean by one standard deviation, dips shorter than 30 ms bridged,
-    runs shorter than 30 ms dropped. Frame ``t`` spans ``[t * 10 ms, (t + 1) * 10 ms)`` in the result.
-    """
-    energy = frame_energy_db(wave, sample_rate)
-    above = energy > energy.mean() + energy.std()
+def segments_from_energy(energy_db: np.ndarray) -> list[tuple[int, int]]:
+    """Frame runs ``[start, stop)`` of the sound: energy above mean + one standard deviation, dips shorter
+    than 30 ms bridged, runs shorter than 30 ms dropped."""
+    energy_db = np.asarray(energy_db, dtype=np.float64)
+    above = energy_db > energy_db.mean() + energy_db.std()
     min_frames = int(round(MIN_SEGMENT_S / HOP_S))
     for start, stop in _runs(~above):
         if stop - start < min_frames and start > 0 and stop < len(above):
             above[start:stop] = True
-    return [(start * HOP_S, stop * HOP_S) for start, stop in _runs(above) if stop - start >= min_frames]
+    return [(start, stop) for start, stop in _runs(above) if stop - start >= min_frames]
+
+
+def energy_segments(wave: np.ndarray, sample_rate: int) -> list[tuple[float, float]]:
+    """Lea et al.'s energy labels of a take: ``[(onset_s, offset_s), ...]`` of the frames that carry the sound.
+
+    Frame ``t`` spans ``[t * 10 ms, (t + 1) * 10 ms)`` in the result.
+    """
+    return [(start * HOP_S, stop * HOP_S) for start, stop in segments_from_energy(frame_energy_db(wave, sample_rate))]
 
 
 def _clipped_samples(wave: np.ndarray) -> int:

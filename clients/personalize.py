@@ -7,13 +7,15 @@ frame rate (100 Hz with the Lea et al. frontend). The exported personal model ke
 probabilities are exactly what was trained.
 
 Training sequences (Lea et al.): each holds ``sequence-frames`` frames, half from the user's sound takes and
-half from aggressors (the user's background material and the bundle's background patches), cut into pieces
-and concatenated in random order. Sound pieces keep some silence around the sound; with probability
-``mix-probability`` the user's background is added under them (in the power domain), and every piece gets a
-random gain. Frame targets come from the enrollment energy labels with the segment boundaries inflated by
-half the receptive field (``inflate-frames``): the label is extended past the offset, where the sound is
-still inside the causal receptive field, and the frames before the onset, which a causal model cannot tell
-from silence, are left out of the loss. ``adapt`` chooses which weights change: ``head``, ``last-block``
+half from aggressors (the user's background material and, for a ``bundle-share`` of it, the bundle's
+background patches), cut into pieces and concatenated in random order. Sound pieces keep some silence around
+the sound; with probability ``mix-probability`` background is added under them (in the power domain). Sound
+pieces get a random gain of +-``gain-db``; aggressor pieces one in ``aggressor-gain-db``, mostly louder,
+because a few minutes of enrolled background cannot show every level a room will reach. Frame targets come
+from the enrollment energy labels with the segment boundaries inflated by half the receptive field
+(``inflate-frames``): the label is extended past the offset, where the sound is still inside the causal
+receptive field, and the frames before the onset, which a causal model cannot tell from silence, are left
+out of the loss. ``adapt`` chooses which weights change: ``head``, ``last-block``
 (the last residual block, the output norm and the head) or ``all``.
 
 Thresholds: a part of each sound's takes (``holdout-fraction``, at least one) and of the background is held
@@ -23,6 +25,12 @@ model runs over it, and for each sound the on-threshold (a grid from 0.05 to 0.9
 post-processing (onset collar 100 ms; detections on background count as false positives). The report
 gives each sound's held-out precision and recall at that threshold, the false triggers per hour on the
 held-out background, the same F1 for the untuned head, and the time taken.
+
+The personal detector's post-processing keeps the global bundle's settings except the per-sound thresholds,
+``min-duration-ms`` and ``refractory-ms``. A minimum duration of 150 ms lets the detector wait until a
+speech nasal, fricative or plosive has gone on into the next phoneme before a hum, hiss or pop is confirmed;
+the event keeps the onset where the probability first crossed the threshold, and the trigger comes that much
+later (the detection latency).
 
 The personal bundle is written to ``PROFILE/personal/`` with :func:`clients.bundle.write_bundle` and made
 private (0700 folders, 0600 files). Nothing here opens a network connection.
@@ -34,7 +42,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +52,13 @@ from torch import nn
 from tqdm import tqdm
 
 from clients.bundle import Bundle, load_bundle, write_bundle
-from clients.enroll import MIN_EXAMPLES
 from clients.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
 from clients.postprocess import EventTracker
 from clients.profile import Profile, make_private_tree
-from fl.config import CONFIG_DIR, Config, DetectorConfig, read_toml, to_dict
-from fl.errors import ConfigError, FedsoundError
+from fl.config import CONFIG_DIR, Config, DetectorConfig, PersonalizeConfig, load_config, to_dict
+from fl.errors import FedsoundError
 from fl.models import TCN
 
-ADAPT_MODES = ("head", "last-block", "all")
 DEFAULT_SETTINGS = CONFIG_DIR / "detector" / "personalize.toml"
 THRESHOLD_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))
 VALIDATION_GAP_S = (1.0, 2.5)  # background between held-out takes in the validation stream
@@ -62,92 +68,9 @@ class PersonalizeError(FedsoundError):
     """Personalization cannot run: too few examples, no background material, no global model."""
 
 
-@dataclass(frozen=True)
-class PersonalizeConfig:
-    """Settings of on-device fine-tuning (TOML table ``[personalize]``, kebab-case keys)."""
-
-    adapt: str = "all"  # "head" | "last-block" | "all"
-    steps: int = 300
-    batch_size: int = 16
-    sequence_frames: int = 400
-    lr: float = 2e-3
-    inflate_frames: int = -1  # -1: half the receptive field
-    positive_weight: float = 2.0  # BCE weight of sound frames (they are rarer than background frames)
-    gain_db: float = 6.0  # random gain of each sound piece, +-
-    aggressor_gain_db: tuple[float, ...] = (-6.0, 20.0)  # random gain of each aggressor piece: rooms get louder
-    mix_probability: float = 0.5
-    mix_gain_db: tuple[float, ...] = (-20.0, 0.0)  # gain of the background mixed under a sound piece
-    bundle_share: float = 0.5  # share of aggressor frames taken from the bundle's patches (rest: the user's)
-    min_examples: int = MIN_EXAMPLES
-    holdout_fraction: float = 0.3
-    off_ratio: float = 0.6
-    min_duration_ms: float = 30.0
-    refractory_ms: float = 300.0
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.adapt in ADAPT_MODES, "adapt", f"must be one of {', '.join(ADAPT_MODES)}"),
-            (self.steps >= 1, "steps", "must be at least 1"),
-            (self.batch_size >= 1, "batch-size", "must be at least 1"),
-            (self.sequence_frames >= 50, "sequence-frames", "must be at least 50"),
-            (0 < self.lr < 1, "lr", "must be in (0, 1)"),
-            (self.inflate_frames >= -1, "inflate-frames", "must be -1 (half the receptive field) or >= 0"),
-            (self.positive_weight > 0, "positive-weight", "must be positive"),
-            (self.gain_db >= 0, "gain-db", "must be non-negative"),
-            (len(self.aggressor_gain_db) == 2 and self.aggressor_gain_db[0] <= self.aggressor_gain_db[1],
-             "aggressor-gain-db", "must be [low, high] with low <= high"),
-            (0 <= self.mix_probability <= 1, "mix-probability", "must be in [0, 1]"),
-            (0 <= self.bundle_share <= 1, "bundle-share", "must be in [0, 1]"),
-            (len(self.mix_gain_db) == 2 and self.mix_gain_db[0] <= self.mix_gain_db[1], "mix-gain-db",
-             "must be [low, high] with low <= high"),
-            (self.min_examples >= 2, "min-examples", "must be at least 2 (one to train, one held out)"),
-            (0 < self.holdout_fraction < 1, "holdout-fraction", "must be in (0, 1)"),
-            (0 < self.off_ratio <= 1, "off-ratio", "must be in (0, 1]"),
-            (self.min_duration_ms >= 0, "min-duration-ms", "must be non-negative"),
-            (self.refractory_ms >= 0, "refractory-ms", "must be non-negative"),
-        ]
-        for ok, key, message in checks:
-            if not ok:
-                raise ValueError(f"{key}: {message}")
-
-
-def personalize_config_from_dict(data: Mapping[str, Any], source: str) -> PersonalizeConfig:
-    """Build a PersonalizeConfig from a kebab-case table; unknown keys and wrong types name ``source``."""
-    known = {f.name.replace("_", "-"): f for f in fields(PersonalizeConfig)}
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in known:
-            raise ConfigError(f"{source}: personalize.{key}: unknown key (known: {', '.join(sorted(known))})")
-        default = getattr(PersonalizeConfig(), known[key].name)
-        if isinstance(default, tuple):
-            ok = isinstance(value, list) and all(isinstance(v, int | float) and not isinstance(v, bool)
-                                                 for v in value)
-            value = tuple(float(v) for v in value) if ok else value
-        elif isinstance(default, float):
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            value = float(value) if ok else value
-        else:
-            ok = isinstance(value, type(default)) and not (isinstance(value, bool) and type(default) is not bool)
-        if not ok:
-            raise ConfigError(f"{source}: personalize.{key}: expected {type(default).__name__}, got {value!r}")
-        values[known[key].name] = value
-    try:
-        return PersonalizeConfig(**values)
-    except ValueError as exc:
-        raise ConfigError(f"{source}: personalize.{exc}") from None
-
-
 def load_personalize_config(path: Path | None = None) -> PersonalizeConfig:
-    """The ``[personalize]`` table of ``path`` (default ``configs/detector/personalize.toml`` when present)."""
-    if path is None:
-        if not DEFAULT_SETTINGS.is_file():
-            return PersonalizeConfig()
-        path = DEFAULT_SETTINGS
-    data = read_toml(Path(path))
-    unknown = sorted(set(data) - {"personalize"})
-    if unknown:
-        raise ConfigError(f"{path}: unknown table(s) {unknown}; expected [personalize]")
-    return personalize_config_from_dict(data.get("personalize", {}), str(path))
+    """The ``[personalize]`` settings of a config file (default ``configs/detector/personalize.toml``)."""
+    return load_config(Path(path) if path else DEFAULT_SETTINGS).personalize
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -507,10 +430,12 @@ def _base_bundle(profile: Profile, bundle: Path | None) -> Path:
     if bundle is not None:
         return Path(bundle)
     manifest = profile.personal_dir / "bundle.json"
-    if manifest.is_file():
-        base = json.loads(manifest.read_text(encoding="utf-8")).get("provenance", {}).get("base_bundle")
-        if base and Path(base).is_dir():
-            return Path(base)
+    try:
+        base = json.loads(manifest.read_text(encoding="utf-8"))["provenance"]["base_bundle"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        base = None  # no earlier personal bundle to take the global one from
+    if isinstance(base, str) and Path(base).is_dir():
+        return Path(base)
     raise PersonalizeError(f"{profile.path}: no global model: pass --bundle BUNDLE (a detector bundle made by "
                            "`fedsound export`)")
 
@@ -520,11 +445,11 @@ def personalize(profile: Path, bundle: Path | None, config: Config, progress: bo
     """Fine-tune ``bundle``'s model on ``profile`` and save the personal bundle in ``PROFILE/personal``.
 
     ``bundle`` None reuses the global bundle the profile was last personalized from. ``settings`` default to
-    ``configs/detector/personalize.toml``; ``config.seed`` seeds everything. Returns the report (see the
+    ``config.personalize``; ``config.seed`` seeds everything. Returns the report (see the
     module docstring); :func:`format_report` renders it.
     """
     started = time.perf_counter()
-    settings = settings or load_personalize_config()
+    settings = settings or config.personalize
     store = Profile.load(Path(profile))
     base_path = _base_bundle(store, bundle)
     base = load_bundle(base_path)

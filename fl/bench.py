@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 # stage -> (module, function); every function takes (workdir, quick, out_json) and returns a dict of figures.
@@ -18,14 +17,8 @@ BENCHES = {
 
 
 def run_bench(what: str, workdir: Path, quick: bool = False, out: Path | None = None) -> int:
-    """Run one benchmark; a stage whose benchmark has not landed says so and exits 2."""
+    """Run one benchmark into ``workdir/bench/WHAT``."""
     module_name, function = BENCHES[what]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-        print(f"fedsound bench {what}: not built yet", file=sys.stderr)
-        return 2
+    module = importlib.import_module(module_name)
     getattr(module, function)(workdir=Path(workdir) / "bench" / what, quick=quick, out_json=out)
     return 0

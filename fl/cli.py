@@ -15,8 +15,6 @@ from pathlib import Path
 from fl.config import CONFIG_DIR, Config, load_config
 from fl.errors import FedsoundError
 
-NOT_BUILT = 2
-
 
 def _config(args: argparse.Namespace, overrides: dict | None = None) -> Config:
     """Defaults <- --features file <- --config file <- flags (dotted keys)."""
@@ -148,14 +146,30 @@ def cmd_listen(args: argparse.Namespace) -> int:
                   exec_map=args.exec or [])
 
 
-def not_built(name: str, issue: int) -> Callable[[argparse.Namespace], int]:
-    """Handler for a command whose stage has not landed yet."""
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from clients.enroll import enroll
 
-    def handler(args: argparse.Namespace) -> int:
-        print(f"fedsound {name}: not built yet (tracked in issue {issue})", file=sys.stderr)
-        return NOT_BUILT
+    if args.sound is None and not args.background:
+        print("error: give --sound NAME or --background", file=sys.stderr)
+        return 2
+    if (args.record is None) == (not args.from_files):
+        print("error: give either --record N or --from-files FILE...", file=sys.stderr)
+        return 2
+    summary = enroll(Path(args.profile), sound=args.sound, record=args.record,
+                     from_files=[Path(f) for f in args.from_files] if args.from_files else None,
+                     background=args.background, progress=_progress(args))
+    print(json.dumps(summary))
+    return 0
 
-    return handler
+
+def cmd_personalize(args: argparse.Namespace) -> int:
+    from clients.personalize import format_report, personalize
+
+    config = _config(args)
+    report = personalize(Path(args.profile), Path(args.bundle) if args.bundle else None, config,
+                         progress=_progress(args))
+    print(format_report(report))
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -259,10 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--store", default=None, help="feature store to take background patches from")
 
-    p = add("enroll", not_built("enroll", 8), "records or imports a user's example sounds")
+    p = add("enroll", cmd_enroll, "records or imports a user's example sounds (or background material)")
     p.add_argument("profile")
-    p = add("personalize", not_built("personalize", 8), "private fine-tuning on the laptop")
+    p.add_argument("--sound", default=None, help="name of the sound (e.g. pop, click, hiss)")
+    p.add_argument("--record", type=int, default=None, metavar="N", help="record N takes from the microphone")
+    p.add_argument("--from-files", nargs="+", default=None, metavar="FILE", help="import audio files")
+    p.add_argument("--background", action="store_true", help="room noise / your own speech, not a sound")
+    p = add("personalize", cmd_personalize, "private fine-tuning on the laptop")
+    p.set_defaults(config=CONFIG_DIR / "detector" / "personalize.toml")
     p.add_argument("profile")
+    p.add_argument("--bundle", default=None, help="global detector bundle (default: the one used last time)")
 
     p = add("listen", cmd_listen, "streaming detection from microphone or file; events as JSON lines")
     p.add_argument("source", metavar="PROFILE-or-BUNDLE")

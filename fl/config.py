@@ -196,6 +196,57 @@ class DetectorConfig:
             _check(0 < pair[1] <= pair[0] < 1, key, f"needs 0 < off <= on < 1, got {list(pair)!r}")
 
 
+ADAPT_MODES = ("head", "last-block", "all")
+
+
+@dataclass(frozen=True)
+class PersonalizeConfig:
+    """Settings of on-device fine-tuning (TOML table ``[personalize]``, kebab-case keys)."""
+
+    adapt: str = "all"  # "head" | "last-block" | "all"
+    steps: int = 1500
+    batch_size: int = 16
+    sequence_frames: int = 400
+    lr: float = 2e-3
+    inflate_frames: int = -1  # -1: half the receptive field
+    positive_weight: float = 2.0  # BCE weight of sound frames (they are rarer than background frames)
+    gain_db: float = 6.0  # random gain of each sound piece, +-
+    aggressor_gain_db: tuple[float, ...] = (-6.0, 20.0)  # random gain of each aggressor piece: rooms get louder
+    mix_probability: float = 0.5
+    mix_gain_db: tuple[float, ...] = (-20.0, 0.0)  # gain of the background mixed under a sound piece
+    bundle_share: float = 0.2  # share of aggressor frames taken from the bundle's patches (rest: the user's)
+    min_examples: int = 5  # enrollment examples needed per sound
+    holdout_fraction: float = 0.3
+    off_ratio: float = 0.6
+    min_duration_ms: float = 150.0  # a sound must hold this long: speech's nasals and fricatives do not
+    refractory_ms: float = 300.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.adapt in ADAPT_MODES, "adapt", f"must be one of {', '.join(ADAPT_MODES)}"),
+            (self.steps >= 1, "steps", "must be at least 1"),
+            (self.batch_size >= 1, "batch-size", "must be at least 1"),
+            (self.sequence_frames >= 50, "sequence-frames", "must be at least 50"),
+            (0 < self.lr < 1, "lr", "must be in (0, 1)"),
+            (self.inflate_frames >= -1, "inflate-frames", "must be -1 (half the receptive field) or >= 0"),
+            (self.positive_weight > 0, "positive-weight", "must be positive"),
+            (self.gain_db >= 0, "gain-db", "must be non-negative"),
+            (len(self.aggressor_gain_db) == 2 and self.aggressor_gain_db[0] <= self.aggressor_gain_db[1],
+             "aggressor-gain-db", "must be [low, high] with low <= high"),
+            (0 <= self.mix_probability <= 1, "mix-probability", "must be in [0, 1]"),
+            (0 <= self.bundle_share <= 1, "bundle-share", "must be in [0, 1]"),
+            (len(self.mix_gain_db) == 2 and self.mix_gain_db[0] <= self.mix_gain_db[1], "mix-gain-db",
+             "must be [low, high] with low <= high"),
+            (self.min_examples >= 2, "min-examples", "must be at least 2 (one to train, one held out)"),
+            (0 < self.holdout_fraction < 1, "holdout-fraction", "must be in (0, 1)"),
+            (0 < self.off_ratio <= 1, "off-ratio", "must be in (0, 1]"),
+            (self.min_duration_ms >= 0, "min-duration-ms", "must be non-negative"),
+            (self.refractory_ms >= 0, "refractory-ms", "must be non-negative"),
+        ]
+        for ok, key, message in checks:
+            _check(ok, key, message)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole resolved configuration of a run."""
@@ -208,6 +259,7 @@ class Config:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
 
 
 def _kebab(name: str) -> str:

@@ -56,3 +56,9 @@ def test_bad_config_file_is_reported(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert code == 1
     assert f"{bad}: train.epochs: must be at least 1" in err
+
+
+def test_enroll_needs_a_sound_or_background(tmp_path, capsys) -> None:
+    code = main(["enroll", str(tmp_path / "profile"), "--from-files", "x.wav", "--workdir", str(tmp_path), "-q"])
+    assert code == 2
+    assert "--sound NAME or --background" in capsys.readouterr().err

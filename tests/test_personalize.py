@@ -1,0 +1,180 @@
+"""Personalization: settings, labels, enough-examples check, fine-tuning gain, personal bundle, no network."""
+
+import dataclasses
+import json
+import os
+import socket
+import stat
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from clients.bundle import load_bundle, write_bundle
+from clients.enroll import enroll
+from clients.listen import listen
+from clients.mouth_sounds import background_take, enrollment_take, make_aggressor_stream, make_test_stream, make_voice
+from clients.personalize import (
+    PersonalizeConfig,
+    PersonalizeError,
+    fine_tune,
+    label_take,
+    load_personalize_config,
+    new_head_model,
+    personalize,
+    prepare_data,
+    sound_model,
+)
+from clients.profile import Profile
+from fl.config import CONFIG_DIR, Config, DetectorConfig, load_config
+from fl.errors import ConfigError
+from fl.frontend import Frontend
+from fl.models import TCN, ModelConfig
+
+RATE = 16000
+SOUNDS = ("click", "whistle")
+SMALL = PersonalizeConfig(steps=120, batch_size=8, sequence_frames=200, lr=3e-3, min_duration_ms=60.0)
+
+
+def _block_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted in a test that forbids it")
+
+    monkeypatch.setattr(socket.socket, "__init__", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def _write(path, wave):
+    sf.write(path, wave, RATE, subtype="PCM_16")
+    return path
+
+
+def _global_bundle(path):
+    """A small random-init TCN with the Lea et al. frontend and background patches of aggressor audio."""
+    frontend = load_config(CONFIG_DIR / "features" / "lea16k.toml").frontend
+    frames = Frontend(frontend).frames(make_aggressor_stream(make_voice(99), 9.0, 1).wave, RATE)
+    patches = np.stack([frames[i : i + 101] for i in range(0, len(frames) - 101, 101)])
+    torch.manual_seed(0)
+    model = TCN(ModelConfig(channels=16, dropout=0.0), frontend.n_mels, 3)
+    return write_bundle(path, model, frontend, ["a", "b", "c"], ["/m/a", "/m/b", "/m/c"], DetectorConfig(),
+                        background=(patches, np.zeros((len(patches), 3), np.uint8)))
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory):
+    """Enroll -> personalize -> listen, all with sockets refused."""
+    root = tmp_path_factory.mktemp("personal")
+    voice = make_voice(21)
+    bundle = _global_bundle(root / "global")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _block_network(monkeypatch)
+        with pytest.raises(OSError, match="network access attempted"):
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        profile = root / "profile"
+        for k, sound in enumerate(SOUNDS):
+            files = [_write(root / f"{sound}{i}.wav", enrollment_take(sound, voice, [k, i]).wave) for i in range(5)]
+            enroll(profile, sound=sound, from_files=files, progress=False)
+        background = [_write(root / f"bg{i}.wav", background_take(voice, [7, i], seconds=8.0).wave)
+                      for i in range(2)]
+        enroll(profile, background=True, from_files=background, progress=False)
+        report = personalize(profile, bundle, Config(seed=0), progress=False, settings=SMALL)
+        stream = make_test_stream(voice, 2, 5, sounds=SOUNDS, aggressors_per_event=0.5)
+        audio = _write(root / "stream.wav", stream.wave)
+        listened = listen(profile, Config(), input_=str(audio), as_json=True)
+    return {"root": root, "profile": profile, "bundle": bundle, "report": report, "listened": listened}
+
+
+def test_offline_enroll_personalize_listen(offline_run, capsys):
+    report = offline_run["report"]
+    assert offline_run["listened"] == 0
+    assert set(report["sounds"]) == set(SOUNDS)
+    assert report["f1"] > report["untuned_f1"]
+    for row in report["sounds"].values():
+        assert row["examples"] == 5 and row["held_out"] == 2 and row["train"] == 3
+        assert 0 < row["off_threshold"] <= row["on_threshold"] < 1
+
+
+def test_personal_bundle_is_private_and_found_by_listen(offline_run):
+    profile = offline_run["profile"]
+    bundle = load_bundle(profile)
+    assert bundle.path == profile / "personal"
+    assert bundle.labels == sorted(SOUNDS) and bundle.model.n_classes == 2
+    assert set(bundle.detector.class_thresholds) == set(SOUNDS)
+    assert bundle.detector.min_duration_ms == SMALL.min_duration_ms
+    provenance = bundle.manifest["provenance"]
+    assert provenance["base_bundle"] == str(offline_run["bundle"].resolve())
+    for root, _dirs, names in os.walk(profile):
+        assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+        for name in names:
+            assert stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode) == 0o600, name
+    # A second run without --bundle reuses the global bundle recorded in the personal one.
+    again = personalize(profile, None, Config(seed=0), progress=False, settings=dataclasses.replace(SMALL, steps=1))
+    assert again["base_bundle"] == str(offline_run["bundle"].resolve())
+
+
+def test_adapt_modes_change_only_their_layers(offline_run):
+    base = load_bundle(offline_run["bundle"])
+    data = prepare_data(Profile.load(offline_run["profile"]), base, SMALL, 0)
+    changed = {}
+    for adapt in ("head", "last-block", "all"):
+        model = new_head_model(base, len(data.sounds), 0)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        fine_tune(model, data, dataclasses.replace(SMALL, steps=3, adapt=adapt), 0)
+        changed[adapt] = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks") else "")
+                          for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed["head"] == {"head"}
+    assert changed["last-block"] == {"head", "out_norm", "blocks.2"}  # blocks 0..2: dilations 1, 2, 3
+    assert "input_proj" in changed["all"] and "blocks.0" in changed["all"]
+
+
+def test_exported_model_drops_the_background_output(offline_run):
+    base = load_bundle(offline_run["bundle"])
+    model = new_head_model(base, 2, 0).eval()
+    x = torch.randn(1, 30, base.model.n_mels)
+    with torch.no_grad():
+        assert torch.allclose(sound_model(model)(x), model(x)[..., 1:])
+
+
+def test_not_enough_examples_says_how_many_more(tmp_path):
+    voice = make_voice(4)
+    profile = tmp_path / "me"
+    for sound, count in (("click", 3), ("hum", 5)):
+        files = [_write(tmp_path / f"{sound}{i}.wav", enrollment_take(sound, voice, i).wave) for i in range(count)]
+        enroll(profile, sound=sound, from_files=files, progress=False)
+    bundle = _global_bundle(tmp_path / "global")
+    with pytest.raises(PersonalizeError, match=r"not enough examples \(5 per sound\): click has 3 and needs 2 more"):
+        personalize(profile, bundle, Config(), progress=False, settings=SMALL)
+    with pytest.raises(PersonalizeError, match="no global model: pass --bundle"):
+        personalize(profile, None, Config(), progress=False, settings=SMALL)
+    empty = tmp_path / "empty"
+    Profile.open(empty)
+    with pytest.raises(PersonalizeError, match="no sounds enrolled"):
+        personalize(empty, bundle, Config(), progress=False, settings=SMALL)
+
+
+def test_label_take_inflates_offsets_and_masks_pre_onset():
+    frames = np.zeros((50, 4), np.float32)
+    take = label_take(frames, [[0.10, 0.15], [0.40, 0.42]], sound=1, frame_s=0.01, inflate=4)
+    assert take.onsets == [10, 40]
+    assert np.flatnonzero(take.classes == 2).tolist() == list(range(10, 19)) + list(range(40, 46))
+    assert np.flatnonzero(~take.mask).tolist() == [6, 7, 8, 9, 36, 37, 38, 39]
+
+
+def test_settings_file(tmp_path):
+    assert load_personalize_config() == PersonalizeConfig()  # configs/detector/personalize.toml = the defaults
+    path = tmp_path / "p.toml"
+    path.write_text('[personalize]\nadapt = "head"\nsteps = 10\nmix-gain-db = [-10, 0]\n')
+    loaded = load_personalize_config(path)
+    assert (loaded.adapt, loaded.steps, loaded.mix_gain_db) == ("head", 10, (-10.0, 0.0))
+    for body, message in (("adapt = \"some\"", "personalize.adapt: must be one of"),
+                          ("stepz = 3", "personalize.stepz: unknown key"),
+                          ("steps = 1.5", "personalize.steps: expected an integer"),
+                          ("lr = true", "personalize.lr: expected a number")):
+        path.write_text(f"[personalize]\n{body}\n")
+        with pytest.raises(ConfigError, match=f"{path}: {message}"):
+            load_personalize_config(path)
+    path.write_text("[detector]\non-threshold = 0.5\n")
+    assert load_personalize_config(path) == PersonalizeConfig()  # other sections leave the defaults
+    assert json.loads(json.dumps(dataclasses.asdict(PersonalizeConfig())))  # plain data
