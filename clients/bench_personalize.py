@@ -22,7 +22,6 @@ little).
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import time
@@ -49,6 +48,7 @@ from clients.mouth_sounds import (
 from clients.personalize import PersonalizeConfig, load_personalize_config, personalize
 from clients.postprocess import EventTracker
 from clients.stream import offline_probabilities
+from fl.bench import write_json
 from fl.config import CONFIG_DIR, Config, load_config, to_dict
 
 TARGETS = {"precision": 0.95, "recall": 0.95, "false_triggers_per_hour": 0.3}
@@ -231,11 +231,7 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
         "targets": TARGETS,
     }
     print(format_table(report))
-    out = Path(out_json) if out_json is not None else workdir / "personalize.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
+    write_json(Path(out_json) if out_json is not None else workdir / "personalize.json", report)
     return report
 
 

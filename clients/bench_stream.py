@@ -20,7 +20,6 @@ Targets printed beside the figures: p99 compute per hop at most 1 ms, median det
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -35,6 +34,7 @@ from tqdm import tqdm
 
 from clients.postprocess import Event
 from clients.stream import StreamEngine, StreamingDetector, offline_probabilities, single_thread
+from fl.bench import write_json
 from fl.config import DetectorConfig, FrontendConfig
 from fl.frontend import Frontend
 from fl.models import TCN, ModelConfig, build_model
@@ -285,11 +285,7 @@ def run_stream_bench(workdir: Path, quick: bool = False, out_json: Path | None =
         "targets": TARGETS,
     }
     print(format_table(report))
-    out = Path(out_json) if out_json is not None else Path(workdir) / "stream.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
+    write_json(Path(out_json) if out_json is not None else Path(workdir) / "stream.json", report)
     return report
 
 

@@ -28,6 +28,7 @@ from typing import Protocol, TextIO
 import numpy as np
 import soundfile as sf
 
+from clients.listen import ListenError, open_input_stream
 from clients.profile import Profile, Take, check_sound_name
 from fl.config import PersonalizeConfig
 from fl.errors import FedsoundError
@@ -171,19 +172,11 @@ def import_files(paths: Sequence[Path], background: bool) -> list[Take]:
 
 
 def open_microphone(sample_rate: int, block_size: int) -> InputStreamLike:
-    """The default input device, mono float32; a one-line EnrollError when sounddevice or a device is missing."""
+    """The default input device, mono float32; a one-line error when sounddevice or a device is missing."""
     try:
-        import sounddevice
-    except ImportError:
-        raise EnrollError("recording needs the optional package sounddevice: pip install 'fedsound[mic]' "
-                          "(or import WAV files with --from-files)") from None
-    except OSError as exc:  # sounddevice raises this when the PortAudio library is missing
-        raise EnrollError(f"recording unavailable: {exc} (import WAV files with --from-files)") from None
-    try:
-        sounddevice.check_input_settings(channels=1, dtype="float32", samplerate=sample_rate)
-        return sounddevice.InputStream(samplerate=sample_rate, blocksize=block_size, channels=1, dtype="float32")
-    except (sounddevice.PortAudioError, ValueError) as exc:
-        raise EnrollError(f"no usable microphone at {sample_rate} Hz: {exc}") from None
+        return open_input_stream(sample_rate, block_size, alternative="import WAV files with --from-files")
+    except ListenError as exc:
+        raise EnrollError(str(exc)) from None
 
 
 def _meter(block: np.ndarray) -> str:

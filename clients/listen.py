@@ -153,22 +153,27 @@ class MicSource:
             self.stream.close()
 
 
-def open_microphone(sample_rate: int, block_size: int, device: int | str | None = None) -> MicSource:
-    """The default (or given) input device at ``sample_rate``, mono float32; one-line ListenError if none."""
+def open_input_stream(sample_rate: int, block_size: int, device: int | str | None = None,
+                      alternative: str = "listen to a file with --input FILE") -> InputStreamLike:
+    """A sounddevice input stream (mono float32); a one-line ListenError naming ``alternative`` if none."""
     try:
         import sounddevice
     except ImportError:
         raise ListenError("microphone input needs the optional package sounddevice: "
-                          "pip install 'fedsound[mic]' (or listen to a file with --input FILE)") from None
+                          f"pip install 'fedsound[mic]' (or {alternative})") from None
     except OSError as exc:  # sounddevice raises this when the PortAudio library is missing
-        raise ListenError(f"microphone input unavailable: {exc}") from None
+        raise ListenError(f"microphone input unavailable: {exc} ({alternative})") from None
     try:
         sounddevice.check_input_settings(device=device, channels=1, dtype="float32", samplerate=sample_rate)
-        stream = sounddevice.InputStream(samplerate=sample_rate, blocksize=block_size, device=device,
-                                         channels=1, dtype="float32")
+        return sounddevice.InputStream(samplerate=sample_rate, blocksize=block_size, device=device,
+                                       channels=1, dtype="float32")
     except (sounddevice.PortAudioError, ValueError) as exc:
         raise ListenError(f"no usable microphone at {sample_rate} Hz: {exc}") from None
-    return MicSource(stream, sample_rate, block_size)
+
+
+def open_microphone(sample_rate: int, block_size: int, device: int | str | None = None) -> MicSource:
+    """The default (or given) input device at ``sample_rate`` as a block source."""
+    return MicSource(open_input_stream(sample_rate, block_size, device), sample_rate, block_size)
 
 
 def parse_exec_map(items: Sequence[str], labels: Sequence[str]) -> dict[str, list[list[str]]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 # stage -> (module, function); every function takes (workdir, quick, out_json) and returns a dict of figures.
@@ -22,3 +23,12 @@ def run_bench(what: str, workdir: Path, quick: bool = False, out: Path | None = 
     module = importlib.import_module(module_name)
     getattr(module, function)(workdir=Path(workdir) / "bench" / what, quick=quick, out_json=out)
     return 0
+
+
+def write_json(path: Path, figures: dict) -> None:
+    """Write a benchmark's figures atomically (a temporary file, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(figures, indent=2) + "\n")
+    tmp.replace(path)

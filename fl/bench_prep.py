@@ -12,13 +12,11 @@ worker processes, and measures:
   (what training does), on one torch thread, in patches per second, after one warm-up pass (the store is then
   in the page cache, as it is during training on a machine whose memory holds it).
 
-Run: ``python -m fl.bench_prep [--workdir DIR] [--quick] [--out bench.json]`` or ``fedsound bench prep``.
+Run: ``fedsound bench prep [--workdir DIR] [--quick] [--out bench.json]``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import resource
@@ -32,6 +30,7 @@ import torch
 
 from data_prep.prep import prep
 from data_prep.synth import synthesize_corpus
+from fl.bench import write_json
 from fl.config import FrontendConfig
 from fl.store import FeatureStore, iter_batches
 
@@ -130,8 +129,7 @@ def run_prep_bench(workdir: Path, quick: bool = False, out_json: Path | None = N
     }
     print(format_table(result))
     if out_json is not None:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out_json, result)
     return result
 
 
@@ -155,17 +153,3 @@ def format_table(result: dict) -> str:
     lines += [f"{name:{width}s}  {value:>10s}  {target:>10s}  {'' if met is None else 'yes' if met else 'NO'}"
               for name, value, target, met in rows]
     return "\n".join(lines)
-
-
-def main() -> None:
-    """Command-line entry: ``python -m fl.bench_prep``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="work/bench/prep")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
-    parser.add_argument("--out", default=None, help="JSON file for the figures")
-    args = parser.parse_args()
-    run_prep_bench(Path(args.workdir), quick=args.quick, out_json=Path(args.out) if args.out else None)
-
-
-if __name__ == "__main__":
-    main()

@@ -16,13 +16,11 @@ number of patches.
    resident set sizes (and of the proportional set sizes, which count shared pages once) of this process and
    all its descendants (Ray's GCS, raylet, agents, client actors), sampled every 0.25 s from ``/proc``.
 
-Run: ``python -m fl.bench_sim [--workdir DIR] [--quick] [--out bench.json]`` or ``fedsound bench sim``.
+Run: ``fedsound bench sim [--workdir DIR] [--quick] [--out bench.json]``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import shutil
@@ -38,6 +36,7 @@ import torch
 
 from data_prep.prep import prep
 from data_prep.synth import synthesize_corpus
+from fl.bench import write_json
 from fl.config import Config, FrontendConfig, load_config
 from fl.rundir import RunDir
 from fl.runtime import configure_environment
@@ -270,11 +269,7 @@ def run_sim_bench(workdir: Path, quick: bool = False, out_json: Path | None = No
     }
     print(format_table(report))
     if out_json is not None:
-        out_json = Path(out_json)
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_json.with_name(out_json.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(out_json)
+        write_json(out_json, report)
     return report
 
 
@@ -302,17 +297,3 @@ def format_table(report: dict[str, Any]) -> str:
                                   list(scale["rss_gb_at_peak_by_process"].items())[:6]),
     ]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry: ``python -m fl.bench_sim``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path("work/bench/sim"))
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
-    args = parser.parse_args(argv)
-    run_sim_bench(args.workdir, quick=args.quick, out_json=args.out)
-
-
-if __name__ == "__main__":
-    main()

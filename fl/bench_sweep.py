@@ -9,12 +9,11 @@ Ray takes all the CPUs. Wall times include every start-up (Ray, Tune, Flower, th
 sampling and training are seeded per round and client and aggregation is in partition order, each trial's
 final val mAP must be the same on both sides: the largest difference is reported as a check.
 
-Run: ``python -m fl.bench_sweep [--workdir DIR] [--quick] [--out bench.json]`` or ``fedsound bench sweep``.
+Run: ``fedsound bench sweep [--workdir DIR] [--quick] [--out bench.json]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -28,6 +27,7 @@ from typing import Any
 
 from data_prep.prep import prep
 from data_prep.synth import synthesize_corpus
+from fl.bench import write_json
 from fl.config import CONFIG_DIR, FrontendConfig, apply_flat, load_config
 from fl.errors import DataError
 from fl.runtime import configure_environment
@@ -138,20 +138,5 @@ def run_sweep_bench(workdir: Path, quick: bool = False, out_json: Path | None = 
           f"(speed-up of the sweep {figures['speedup']:.2f}x)")
     print(f"  largest final val mAP difference between the two: {figures['max_abs_final_mAP_difference']:.2e}")
     if out_json:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(figures, indent=2) + "\n")
+        write_json(out_json, figures)
     return figures
-
-
-def main() -> None:
-    """``python -m fl.bench_sweep``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="work/bench/sweep")
-    parser.add_argument("--quick", action="store_true", help="1-round trials of a 2 x 1 grid")
-    parser.add_argument("--out", default=None, help="JSON file for the figures")
-    args = parser.parse_args()
-    run_sweep_bench(Path(args.workdir), quick=args.quick, out_json=Path(args.out) if args.out else None)
-
-
-if __name__ == "__main__":
-    main()

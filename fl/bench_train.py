@@ -14,7 +14,6 @@ Run: ``python -m fl.bench_train [--out bench.json] [--quick]``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from fl.bench import write_json
 from fl.models import ModelConfig, build_model
 
 N_MELS = 96
@@ -184,11 +184,7 @@ def run_train_bench(out_json: Path | None = None, quick: bool = False, progress:
     }
     print(format_table(report))
     if out_json is not None:
-        out_json = Path(out_json)
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_json.with_name(out_json.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(out_json)
+        write_json(out_json, report)
     return report
 
 

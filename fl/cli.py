@@ -149,12 +149,6 @@ def cmd_listen(args: argparse.Namespace) -> int:
 def cmd_enroll(args: argparse.Namespace) -> int:
     from clients.enroll import enroll
 
-    if args.sound is None and not args.background:
-        print("error: give --sound NAME or --background", file=sys.stderr)
-        return 2
-    if (args.record is None) == (not args.from_files):
-        print("error: give either --record N or --from-files FILE...", file=sys.stderr)
-        return 2
     summary = enroll(Path(args.profile), sound=args.sound, record=args.record,
                      from_files=[Path(f) for f in args.from_files] if args.from_files else None,
                      background=args.background, progress=_progress(args))
