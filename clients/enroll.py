@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 import numpy as np
-import soundfile as sf
 
-from clients.listen import ListenError, open_input_stream
+from clients.listen import ListenError, open_input_stream, read_mono
 from clients.profile import Profile, Take, check_sound_name
 from fl.config import PersonalizeConfig
 from fl.errors import FedsoundError
@@ -149,16 +148,10 @@ def check_take(wave: np.ndarray, sample_rate: int, where: str, background: bool 
 
 def read_audio(path: Path) -> tuple[np.ndarray, int]:
     """A file's samples mixed to mono (float32) and its rate; unreadable files raise EnrollError naming them."""
-    path = Path(path)
-    if not path.is_file():
-        raise EnrollError(f"audio file not found: {path}")
     try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)
-    except sf.SoundFileError as exc:
-        raise EnrollError(f"cannot read audio file {path}: {exc}") from None
-    if not len(data):
-        raise EnrollError(f"audio file {path} has no samples")
-    return data.mean(axis=1), int(rate)
+        return read_mono(path)
+    except ListenError as exc:
+        raise EnrollError(str(exc)) from None
 
 
 def import_files(paths: Sequence[Path], background: bool) -> list[Take]:

@@ -97,20 +97,27 @@ class ArraySource:
             yield block
 
 
+def read_mono(path: Path) -> tuple[np.ndarray, int]:
+    """A file's samples mixed to mono (float32) and its rate; a missing or unreadable file is a ListenError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ListenError(f"audio file not found: {path}")
+    try:
+        data, rate = sf.read(path, dtype="float32", always_2d=True)
+    except sf.SoundFileError as exc:
+        raise ListenError(f"cannot read audio file {path}: {exc}") from None
+    if data.shape[0] == 0:
+        raise ListenError(f"audio file {path} has no samples")
+    return data.mean(axis=1), int(rate)
+
+
 class FileSource(ArraySource):
     """An audio file, mixed to mono and resampled to the frontend's rate, streamed in blocks."""
 
     def __init__(self, path: Path, frontend: Frontend, block_size: int, realtime: bool = False) -> None:
         path = Path(path)
-        if not path.is_file():
-            raise ListenError(f"audio file not found: {path}")
-        try:
-            data, rate = sf.read(path, dtype="float32", always_2d=True)
-        except sf.SoundFileError as exc:
-            raise ListenError(f"cannot read audio file {path}: {exc}") from None
-        if data.shape[0] == 0:
-            raise ListenError(f"audio file {path} has no samples")
-        mono = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
+        wave, rate = read_mono(path)
+        mono = torch.from_numpy(np.ascontiguousarray(wave))
         samples = frontend.resample(mono, rate).numpy()
         super().__init__(samples, frontend.config.sample_rate, block_size, realtime)
         self.path = path
