@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from clients.listen import ListenError, read_mono
 from fl.errors import DataError
 
 FORMAT = "fedsound-profile"
@@ -229,8 +230,7 @@ class Profile:
         if not path.is_file():
             raise ProfileError(f"{path}: listed in {self.path / INDEX} but missing")
         try:
-            wave, rate = sf.read(path, dtype="float32", always_2d=True)
-        except sf.SoundFileError as exc:
-            raise ProfileError(f"{path}: unreadable audio ({exc})") from None
-        return wave.mean(axis=1), int(rate)
+            return read_mono(path)
+        except ListenError as exc:
+            raise ProfileError(str(exc)) from None
 

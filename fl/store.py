@@ -231,10 +231,7 @@ class PatchDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        rows = self.index[i : i + 1]
-        patch = self.store.read_patches(self.split, rows)[0]
-        clip = int(rows[0, 0])
-        return torch.from_numpy(patch), torch.from_numpy(self.targets[clip]), clip
+        return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
         rows = self.index[np.asarray(indices)]

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fl.config import Config, TrainConfig, to_dict
+from fl.errors import DataError
 from fl.metrics import clip_metrics
 from fl.model_io import load_model, save_model
 from fl.models import build_model
@@ -121,8 +122,6 @@ def evaluate_model_file(model_path: Path, store_path: Path, split: str, progress
 
 
 def _check_fits(model: nn.Module, store: FeatureStore, model_path: Path) -> None:
-    from fl.errors import DataError
-
     if model.n_mels != store.frontend.n_mels or model.n_classes != store.n_classes:
         raise DataError(f"{model_path}: model expects {model.n_mels} bands / {model.n_classes} classes, "
                         f"store {store.path} has {store.frontend.n_mels} / {store.n_classes}")
