@@ -2,12 +2,13 @@
 
 Equality with offline processing
     :class:`StreamingFrontend` computes the frames of :class:`fl.frontend.Frontend` (torchaudio's
-    MelSpectrogram, ``center=True``, reflect padding) from blocks of any size, with the frontend's own window
-    (``frontend.mel.spectrogram.window``) and mel filterbank (``frontend.mel.mel_scale.fb``) and its
-    ``compress``. Frame ``t`` is the window of ``n_fft`` samples centred on sample ``t * hop``; before the
-    first sample the signal is its reflection (``x[pad], ..., x[1]`` with ``pad = n_fft // 2``), and
-    :meth:`StreamingFrontend.flush` reflects the end the same way, so the stream yields exactly the offline
-    frames (``1 + (n + 2 * pad - n_fft) // hop`` of them; equal up to float rounding, about 1e-6).
+    MelSpectrogram, ``center=True``, reflect padding) from blocks of any size: it cuts the same ``n_fft``
+    segments as the offline path and hands them to the same :meth:`Frontend.segment_frames` (window, FFT,
+    power, mel filterbank, compression). Frame ``t`` is the window of ``n_fft`` samples centred on sample
+    ``t * hop``; before the first sample the signal is its reflection (``x[pad], ..., x[1]`` with
+    ``pad = n_fft // 2``), and :meth:`StreamingFrontend.flush` reflects the end the same way, so the stream
+    yields exactly the offline frames (``1 + (n + 2 * pad - n_fft) // hop`` of them; equal up to float
+    rounding, about 1e-6).
     :class:`StreamEngine` feeds them to ``TCN.step``, which equals the offline ``forward``, so the per-frame
     probabilities equal ``sigmoid(model(frames))`` within 1e-4.
 
@@ -58,19 +59,10 @@ class StreamingFrontend:
 
     def __init__(self, frontend: Frontend) -> None:
         config = frontend.config
-        spectrogram = frontend.mel.spectrogram
-        if spectrogram.normalized or not spectrogram.center or spectrogram.pad_mode != "reflect":
-            raise ValueError("the streaming frontend reproduces a centred, reflect-padded, unnormalised STFT")
         self.frontend = frontend
         self.n_fft = config.n_fft
         self.hop = config.hop_length
         self.pad = config.n_fft // 2
-        self.power = config.power
-        window = spectrogram.window.detach().to(torch.float32)
-        left = (self.n_fft - window.numel()) // 2  # torch.stft centres a shorter window in n_fft
-        self._window = torch.zeros(self.n_fft)
-        self._window[left : left + window.numel()] = window
-        self._filterbank = frontend.mel.mel_scale.fb.detach().to(torch.float32)
         self.reset()
 
     @property
@@ -130,7 +122,7 @@ class StreamingFrontend:
         return self._emit_ready()
 
     def _empty(self) -> np.ndarray:
-        return np.zeros((0, self._filterbank.shape[1]), dtype=np.float32)
+        return np.zeros((0, self.frontend.config.n_mels), dtype=np.float32)
 
     def _emit_ready(self) -> np.ndarray:
         end = self._buffer_start + self._buffer.size  # padded samples available
@@ -149,10 +141,7 @@ class StreamingFrontend:
         first = self._n_frames * self.hop - self._buffer_start
         span = self._buffer[first : first + (count - 1) * self.hop + self.n_fft]
         segments = torch.from_numpy(span).unfold(0, self.n_fft, self.hop)  # [count, n_fft], a view
-        spectrum = torch.fft.rfft(segments * self._window)
-        power = spectrum.abs() if self.power == 1.0 else spectrum.abs().pow(self.power)
-        mel = torch.matmul(power, self._filterbank)
-        return self.frontend.compress(mel).numpy()
+        return self.frontend.segment_frames(segments).numpy()
 
 
 class StreamEngine:

@@ -2,9 +2,18 @@
 
 Feature preparation, training-time reading, export and the streaming detector all use this module, so the
 features a model sees on the laptop are computed exactly as those it was trained on.
+
+The numbers are torchaudio's: ``Resample`` (sinc interpolation, its default width and rolloff) followed by
+``MelSpectrogram`` (Hann window, ``center=True`` with reflect padding, htk mel scale, no norm). They are
+computed here from the same kernel, window and filterbank in a form about twice as fast on a CPU (`fedsound
+bench prep`): whole-factor decimation (FSD50K's 44.1 kHz to 22.05 kHz) runs polyphase in fixed-size blocks,
+and the STFT is an ``unfold`` of the padded signal into frames followed by one real FFT, which is also how
+the streaming detector computes its frames.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -13,8 +22,45 @@ import torchaudio
 from fl.config import FrontendConfig
 
 
+class DecimatingResampler:
+    """torchaudio's ``Resample(orig, new)`` for ``orig`` a whole multiple of ``new`` (44.1 kHz -> 22.05 kHz),
+    computed polyphase in fixed-size blocks.
+
+    torchaudio convolves the padded signal with one filter of length ``K`` at stride ``factor = orig / new``.
+    Splitting the signal into its ``factor`` phases turns that into a stride-1 convolution over ``factor``
+    input channels with taps ``ceil(K / factor)`` long, and running it on blocks of a fixed number of outputs
+    keeps one convolution shape for every clip length (the CPU backend otherwise prepares a new kernel for
+    each length it meets). About 3x faster; equal to torchaudio's output up to float rounding.
+    """
+
+    BLOCK = 8192  # outputs per convolution call
+
+    def __init__(self, orig_freq: int, new_freq: int) -> None:
+        if orig_freq % new_freq:
+            raise ValueError(f"{orig_freq} Hz is not a whole multiple of {new_freq} Hz")
+        reference = torchaudio.transforms.Resample(orig_freq, new_freq)
+        self.factor, self.width = orig_freq // new_freq, reference.width
+        kernel = reference.kernel[0, 0].to(torch.float32)  # [K]
+        self.taps = -(-kernel.numel() // self.factor)
+        padded = torch.nn.functional.pad(kernel, (0, self.taps * self.factor - kernel.numel()))
+        self.kernel = padded.view(self.taps, self.factor).T.contiguous()[None]  # [1, factor, taps]
+
+    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+        """Resample a 1-D float waveform."""
+        n_out = math.ceil(wave.shape[-1] / self.factor)
+        n_blocks = -(-n_out // self.BLOCK)
+        columns = n_blocks * self.BLOCK + self.taps - 1
+        padded = torch.nn.functional.pad(wave, (self.width, columns * self.factor - wave.shape[-1] - self.width))
+        phases = padded.view(columns, self.factor).T  # phase r holds x[j * factor + r]
+        out = torch.empty(n_blocks * self.BLOCK)
+        for start in range(0, n_blocks * self.BLOCK, self.BLOCK):
+            block = phases[None, :, start : start + self.BLOCK + self.taps - 1]
+            out[start : start + self.BLOCK] = torch.nn.functional.conv1d(block, self.kernel)[0, 0]
+        return out[:n_out]
+
+
 class Frontend:
-    """Waveform -> mel frames ``[n_frames, n_mels]`` with torchaudio's MelSpectrogram (center, reflect, htk).
+    """Waveform -> mel frames ``[n_frames, n_mels]``, equal to torchaudio's ``MelSpectrogram``.
 
     With ``scale = "log"`` the output is ``log(max(mel, log_floor))``; with ``"linear"`` it is the mel power
     itself, which reproduces fsd_fed's numbers.
@@ -22,17 +68,20 @@ class Frontend:
 
     def __init__(self, config: FrontendConfig) -> None:
         self.config = config
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=config.sample_rate,
-            n_fft=config.n_fft,
-            win_length=config.win_length or None,
-            hop_length=config.hop_length,
+        win_length = config.win_length or config.n_fft
+        left = (config.n_fft - win_length) // 2  # torch.stft centres a shorter window in n_fft
+        self.window = torch.zeros(config.n_fft)
+        self.window[left : left + win_length] = torch.hann_window(win_length)
+        self.filterbank = torchaudio.functional.melscale_fbanks(  # [n_fft // 2 + 1, n_mels]
+            config.n_fft // 2 + 1,
             f_min=config.f_min,
-            f_max=config.f_max or None,
+            f_max=config.f_max or float(config.sample_rate // 2),
             n_mels=config.n_mels,
-            power=config.power,
+            sample_rate=config.sample_rate,
+            norm=None,
+            mel_scale="htk",
         )
-        self._resamplers: dict[int, torchaudio.transforms.Resample] = {}
+        self._resamplers: dict[int, DecimatingResampler | torchaudio.transforms.Resample] = {}
 
     def n_frames(self, n_samples: int) -> int:
         """Number of frames produced for ``n_samples`` samples at the frontend's rate (centered STFT)."""
@@ -43,7 +92,9 @@ class Frontend:
         if sample_rate == self.config.sample_rate:
             return wave
         if sample_rate not in self._resamplers:
-            self._resamplers[sample_rate] = torchaudio.transforms.Resample(sample_rate, self.config.sample_rate)
+            rate = self.config.sample_rate
+            self._resamplers[sample_rate] = (DecimatingResampler(sample_rate, rate) if sample_rate % rate == 0
+                                             else torchaudio.transforms.Resample(sample_rate, rate))
         return self._resamplers[sample_rate](wave)
 
     def compress(self, mel: torch.Tensor) -> torch.Tensor:
@@ -52,14 +103,26 @@ class Frontend:
             return torch.log(torch.clamp(mel, min=self.config.log_floor))
         return mel
 
+    def segment_frames(self, segments: torch.Tensor) -> torch.Tensor:
+        """Signal segments ``[count, n_fft]`` (one per frame, unwindowed) -> frames ``[count, n_mels]``."""
+        spectrum = torch.fft.rfft(segments * self.window)
+        power = (spectrum * spectrum.conj()).real  # |X|^2, the fastest form on a CPU
+        if self.config.power != 2.0:
+            power = power.pow(self.config.power / 2)
+        return self.compress(torch.matmul(power, self.filterbank))
+
     @torch.inference_mode()
     def frames(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
         """Mono float waveform at ``sample_rate`` -> float32 frames ``[n_frames, n_mels]``."""
         if wave.ndim != 1:
             raise ValueError(f"expected a mono waveform, got shape {wave.shape}")
         signal = self.resample(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), sample_rate)
-        mel = self.mel(signal)  # [n_mels, n_frames]
-        return self.compress(mel).T.contiguous().numpy()
+        pad = self.config.n_fft // 2
+        if signal.shape[0] <= pad:
+            raise ValueError(f"a waveform of {signal.shape[0]} samples at {self.config.sample_rate} Hz is too "
+                             f"short: the centred STFT needs more than {pad}")
+        padded = torch.nn.functional.pad(signal[None], (pad, pad), mode="reflect")[0]
+        return self.segment_frames(padded.unfold(0, self.config.n_fft, self.config.hop_length)).numpy()
 
 
 def n_segments(n_frames: int, config: FrontendConfig) -> int:

@@ -7,7 +7,7 @@ import torchaudio
 from fsd_tree import tone
 
 from fl.config import CONFIG_DIR, FrontendConfig, load_config
-from fl.frontend import Frontend, cut_patches, n_segments, patch_frame_indices
+from fl.frontend import DecimatingResampler, Frontend, cut_patches, n_segments, patch_frame_indices
 
 CONFIG = FrontendConfig()
 PATCH, HOP = 101, 50
@@ -124,3 +124,31 @@ def test_lea16k_features_have_64_bands_at_100_frames_per_second():
 def test_frontend_rejects_multichannel_input():
     with pytest.raises(ValueError, match="mono"):
         Frontend(CONFIG).frames(np.zeros((100, 2), np.float32), 44100)
+
+
+@pytest.mark.parametrize("orig, new", [(44100, 22050), (48000, 16000), (32000, 16000), (16000, 8000)])
+@pytest.mark.parametrize("seconds", [0.02, 0.37, 1.1])  # under one block, several blocks (8192 outputs each)
+def test_decimating_resampler_equals_torchaudio_resample(orig, new, seconds):
+    wave = torch.from_numpy(tone(seconds, rate=orig, seed=orig % 97))
+    expected = torchaudio.transforms.Resample(orig, new)(wave)
+    ours = DecimatingResampler(orig, new)(wave)
+    assert ours.shape == expected.shape
+    torch.testing.assert_close(ours, expected, rtol=0, atol=2e-6)
+
+
+def test_frontend_resamples_other_ratios_with_torchaudio():
+    wave = tone(0.5, rate=48000, seed=5)
+    signal = torchaudio.transforms.Resample(48000, 22050)(torch.from_numpy(wave))
+    mel = torchaudio.transforms.MelSpectrogram(sample_rate=22050, n_fft=660, hop_length=220, n_mels=96)
+    expected = np.log(np.maximum(mel(signal).T.numpy(), CONFIG.log_floor))
+    np.testing.assert_allclose(Frontend(CONFIG).frames(wave, 48000), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decimating_resampler_refuses_a_ratio_that_is_not_whole():
+    with pytest.raises(ValueError, match="not a whole multiple"):
+        DecimatingResampler(48000, 22050)
+
+
+def test_too_short_waveform_is_refused_with_its_length():
+    with pytest.raises(ValueError, match="300 samples at 22050 Hz is too short"):
+        Frontend(CONFIG).frames(np.zeros(300, np.float32), 22050)

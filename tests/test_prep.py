@@ -301,3 +301,17 @@ def test_resume_after_kill_reuses_finished_shards_and_equals_an_uninterrupted_pr
         pd.testing.assert_frame_equal(pd.read_csv(store.parent / f"{split}.csv"),
                                       pd.read_csv(reference.store.parent / f"{split}.csv"))
     pd.testing.assert_frame_equal(a.errors(), b.errors())
+
+
+def test_worker_pool_gives_the_same_store_as_one_process(tmp_path):
+    clips = make_clips(2 * CHUNK_CLIPS + 5, 9, seed=6, seconds=(0.1, 0.6)) + odd_clips()
+    root = write_fsd_tree(tmp_path / "fsd", clips)
+    truncate(audio_path(root, clips[3]), 3000)
+    pooled = prep(root, tmp_path / "pool" / "store.h5", CONFIG, workers=2, progress=False)
+    single = prep(root, tmp_path / "one" / "store.h5", CONFIG, workers=0, progress=False)
+    assert pooled.clips == single.clips and pooled.errors == single.errors == 1
+    a, b = FeatureStore(pooled.store), FeatureStore(single.store)
+    pd.testing.assert_frame_equal(a.errors(), b.errors())
+    for split in a.splits:
+        pd.testing.assert_frame_equal(a.table(split).clips, b.table(split).clips)
+        np.testing.assert_array_equal(a.frames(split), b.frames(split))
