@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.postprocess import class_thresholds, min_duration_frames
+from clients.postprocess import class_confirm_frames, class_thresholds
 from fl.config import (
     Config,
     DetectorConfig,
@@ -161,7 +161,9 @@ def write_bundle(
         raise BundleError(f"{path}: frontend has {frontend.n_mels} mel bands, the model {model.n_mels}")
     if path.exists() and not (path / MANIFEST).is_file() and (path.is_file() or any(path.iterdir())):
         raise BundleError(f"{path}: exists and is not a detector bundle; refusing to overwrite it")
-    class_thresholds(labels, detector)  # per-class thresholds must name known labels
+    class_thresholds(labels, detector)  # per-class settings must name known labels
+    frame_s = frontend.hop_length / frontend.sample_rate
+    confirm_frames = int(class_confirm_frames(labels, detector, frame_s).max())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -178,7 +180,7 @@ def write_bundle(
                                "dtype": "float16"}
         frame_ms = 1000.0 * frontend.hop_length / frontend.sample_rate
         frontend_delay_ms = 1000.0 * (frontend.n_fft - frontend.n_fft // 2) / frontend.sample_rate
-        postprocess_ms = (min_duration_frames(detector.min_duration_ms, frame_ms / 1000.0) - 1) * frame_ms
+        postprocess_ms = (confirm_frames - 1) * frame_ms  # the slowest class
         files = sorted(p.name for p in tmp.iterdir())
         manifest: dict[str, Any] = {
             "format": FORMAT,

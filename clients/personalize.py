@@ -27,10 +27,14 @@ gives each sound's held-out precision and recall at that threshold, the false tr
 held-out background, the same F1 for the untuned head, and the time taken.
 
 The personal detector's post-processing keeps the global bundle's settings except the per-sound thresholds,
-``min-duration-ms`` and ``refractory-ms``. A minimum duration of 150 ms lets the detector wait until a
-speech nasal, fricative or plosive has gone on into the next phoneme before a hum, hiss or pop is confirmed;
-the event keeps the onset where the probability first crossed the threshold, and the trigger comes that much
-later (the detection latency).
+the per-sound minimum durations, ``onset-at-rise`` and ``refractory-ms``. Every sound must hold at least
+``min-duration-ms`` (150 ms lets the detector wait until a speech plosive or click-like transient has gone
+on into the next phoneme); a sustained sound must also hold ``min-duration-fraction`` of its short enrolled
+examples (their 20th percentile), up to ``max-min-duration-ms``: a hum enrolled at 0.3-0.9 s waits about
+0.4 s, longer than most runs of voiced speech that the model takes for a hum (a nasal, 50-140 ms, into a
+vowel). With ``onset-at-rise`` an event's onset
+is where its probability began to rise (above the off threshold), so a sound recognised only after a while
+is still dated from its start; the trigger comes when the event is confirmed (the detection latency).
 
 The personal bundle is written to ``PROFILE/personal/`` with :func:`clients.bundle.write_bundle` and made
 private (0700 folders, 0600 files). Nothing here opens a network connection.
@@ -101,6 +105,7 @@ class PersonalData:
     frame_s: float
     inflate: int
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    segment_s: dict[str, list[float]] = field(default_factory=dict)  # energy-labelled sound lengths per sound
 
 
 def check_examples(profile: Profile, min_examples: int) -> list[str]:
@@ -142,9 +147,10 @@ def prepare_data(profile: Profile, bundle: Bundle, settings: PersonalizeConfig, 
     frame_s = bundle.frontend_config.hop_length / bundle.frontend_config.sample_rate
     inflate = bundle.receptive_field // 2 if settings.inflate_frames < 0 else settings.inflate_frames
     rng = np.random.default_rng([seed, 1])
-    train, held_out, counts = [], [], {}
+    train, held_out, counts, segment_s = [], [], {}, {}
     for k, name in enumerate(sounds):
         examples = profile.sounds[name]
+        segment_s[name] = [float(off - on) for example in examples for on, off in example.segments]
         order = rng.permutation(len(examples))
         n_held = max(1, int(round(settings.holdout_fraction * len(examples))))
         for rank, i in enumerate(order):
@@ -169,7 +175,7 @@ def prepare_data(profile: Profile, bundle: Bundle, settings: PersonalizeConfig, 
         raise PersonalizeError(f"{profile.path}: no background material: enroll some with "
                                f"`fedsound enroll {profile.path} --background ...` (the bundle carries none)")
     return PersonalData(sounds, train, held_out, user_background, bundle_background, background_held_out, frame_s,
-                        inflate, counts)
+                        inflate, counts, segment_s)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -377,21 +383,36 @@ def detect_onsets(probs: np.ndarray, labels: Sequence[str], settings: DetectorCo
     return [(e.label, e.onset_s) for e in tracker.update(probs, 0.0) if e.type == "onset"]
 
 
+def min_durations(segment_s: Mapping[str, Sequence[float]], settings: PersonalizeConfig) -> dict[str, float]:
+    """Per sound, how long it must hold before it triggers: ``min-duration-fraction`` of the 20th percentile of
+    its enrolled lengths, between ``min-duration-ms`` and ``max-min-duration-ms``. A hum enrolled at 0.3-0.9 s
+    waits about 0.4 s; pops and clicks keep ``min-duration-ms``."""
+    out = {}
+    for name, lengths in segment_s.items():
+        typical_ms = 1000.0 * float(np.percentile(lengths, 20)) if len(lengths) else 0.0
+        out[name] = round(float(np.clip(settings.min_duration_fraction * typical_ms, settings.min_duration_ms,
+                                        settings.max_min_duration_ms)), 1)
+    return out
+
+
 def detector_settings(sounds: Sequence[str], on: Sequence[float], settings: PersonalizeConfig,
-                      base: DetectorConfig) -> DetectorConfig:
-    """The personal detector's post-processing: per-sound thresholds, minimum duration and refractory time."""
+                      base: DetectorConfig, durations: Mapping[str, float]) -> DetectorConfig:
+    """The personal detector's post-processing: per-sound thresholds and minimum durations (``durations``,
+    from :func:`min_durations`), onset at rise, refractory time."""
     pairs = {name: [float(t), float(max(0.01, round(t * settings.off_ratio, 4)))] for name, t in zip(
         sounds, on, strict=True)}
     return dataclasses.replace(base, class_thresholds=pairs, min_duration_ms=settings.min_duration_ms,
+                               class_min_duration_ms=dict(durations), onset_at_rise=settings.onset_at_rise,
                                refractory_ms=settings.refractory_ms)
 
 
 def pick_thresholds(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[str],
-                    settings: PersonalizeConfig, base: DetectorConfig, frame_s: float) -> list[float]:
+                    settings: PersonalizeConfig, base: DetectorConfig, frame_s: float,
+                    durations: Mapping[str, float]) -> list[float]:
     """Per sound: the middle of the on-thresholds that reach the best held-out event F1."""
     f1 = np.zeros((len(sounds), len(THRESHOLD_GRID)))
     for j, threshold in enumerate(THRESHOLD_GRID):
-        detector = detector_settings(sounds, [threshold] * len(sounds), settings, base)
+        detector = detector_settings(sounds, [threshold] * len(sounds), settings, base, durations)
         counts = event_counts(stream.reference, detect_onsets(probs, sounds, detector, frame_s), COLLAR_S, sounds)
         f1[:, j] = [counts[name].f1 for name in sounds]
     chosen = []
@@ -413,11 +434,12 @@ def evaluate_held_out(probs: np.ndarray, stream: ValidationStream, sounds: Seque
 
 
 def _held_out_f1(model: TCN, stream: ValidationStream, data: PersonalData, settings: PersonalizeConfig,
-                 base: DetectorConfig) -> tuple[float, list[float], dict[str, EventCounts], float]:
+                 base: DetectorConfig, durations: Mapping[str, float]
+                 ) -> tuple[float, list[float], dict[str, EventCounts], float]:
     """(mean F1 over sounds, thresholds, counts, false triggers per hour) of a model with its own thresholds."""
     probs = stream_probabilities(sound_model(model), stream.frames)
-    thresholds = pick_thresholds(probs, stream, data.sounds, settings, base, data.frame_s)
-    detector = detector_settings(data.sounds, thresholds, settings, base)
+    thresholds = pick_thresholds(probs, stream, data.sounds, settings, base, data.frame_s, durations)
+    detector = detector_settings(data.sounds, thresholds, settings, base, durations)
     counts, per_hour = evaluate_held_out(probs, stream, data.sounds, detector, data.frame_s)
     return float(np.mean([counts[s].f1 for s in data.sounds])), thresholds, counts, per_hour
 
@@ -456,12 +478,13 @@ def personalize(profile: Path, bundle: Path | None, config: Config, progress: bo
     data = prepare_data(store, base, settings, config.seed)
     stream = validation_stream(data, config.seed)
     model = new_head_model(base, len(data.sounds), config.seed)
-    untuned_f1, *_ = _held_out_f1(model, stream, data, settings, base.detector)
+    durations = min_durations(data.segment_s, settings)
+    untuned_f1, *_ = _held_out_f1(model, stream, data, settings, base.detector, durations)
     train_started = time.perf_counter()
     loss = fine_tune(model, data, settings, config.seed, progress)
     train_seconds = time.perf_counter() - train_started
-    f1, thresholds, counts, per_hour = _held_out_f1(model, stream, data, settings, base.detector)
-    detector = detector_settings(data.sounds, thresholds, settings, base.detector)
+    f1, thresholds, counts, per_hour = _held_out_f1(model, stream, data, settings, base.detector, durations)
+    detector = detector_settings(data.sounds, thresholds, settings, base.detector, durations)
     provenance = {"base_bundle": str(base.path.resolve()), "base_manifest_sha256": base.manifest["manifest_sha256"],
                   "personalize": to_dict(settings), "seed": config.seed, "examples": data.counts}
     write_bundle(store.personal_dir, sound_model(model), base.frontend_config, data.sounds,
@@ -475,7 +498,8 @@ def personalize(profile: Path, bundle: Path | None, config: Config, progress: bo
         "steps": settings.steps,
         "loss": loss,
         "sounds": {name: {**data.counts[name], "on_threshold": detector.class_thresholds[name][0],
-                          "off_threshold": detector.class_thresholds[name][1], **counts[name].to_dict()}
+                          "off_threshold": detector.class_thresholds[name][1],
+                          "min_duration_ms": durations[name], **counts[name].to_dict()}
                    for name in data.sounds},
         "f1": f1,
         "untuned_f1": untuned_f1,
@@ -491,10 +515,12 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines = [f"personal detector: {report['bundle']} (from {report['base_bundle']}, adapt {report['adapt']}, "
              f"{report['steps']} steps, {report['train_seconds']:.1f} s of training, {report['seconds']:.1f} s "
              "in all)",
-             f"{'sound':<12} {'examples':>8} {'held out':>8} {'on':>5} {'off':>5} {'precision':>9} {'recall':>6}"]
+             f"{'sound':<12} {'examples':>8} {'held out':>8} {'on':>5} {'off':>5} {'hold ms':>7} {'precision':>9} "
+             f"{'recall':>6}"]
     for name, row in report["sounds"].items():
         lines.append(f"{name:<12} {row['examples']:>8} {row['held_out']:>8} {row['on_threshold']:>5.2f} "
-                     f"{row['off_threshold']:>5.2f} {row['precision']:>9.2f} {row['recall']:>6.2f}")
+                     f"{row['off_threshold']:>5.2f} {row['min_duration_ms']:>7.0f} {row['precision']:>9.2f} "
+                     f"{row['recall']:>6.2f}")
     lines.append(f"held-out F1 {report['f1']:.2f} (untuned head {report['untuned_f1']:.2f}); false triggers "
                  f"{report['false_triggers_per_hour']:.1f} per hour on {report['background_held_out_s']:.0f} s of "
                  "held-out background")

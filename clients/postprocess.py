@@ -3,12 +3,16 @@
 For each class independently (frame ``t`` lies at ``t * frame_s`` seconds, the centre of its window):
 
 * A candidate starts at the first frame whose probability reaches the class's **on** threshold, unless the
-  class is in its refractory time. Its onset is that frame's time.
+  class is in its refractory time. Its onset is that frame's time or, with ``onset_at_rise``, the time of the
+  first frame of the run of frames at or above the **off** threshold that led up to it (the double threshold
+  of Kong et al. applied to the onset: a probability that climbs slowly, as for a sound that only becomes
+  recognisable after a while, still dates the event from where it began to rise; only the reported onset
+  time changes, not when the event is confirmed).
 * The candidate lasts while the probability stays at or above the **off** threshold (hysteresis). Once it has
-  lasted ``min_duration_ms`` (counted in frames: rounded to the nearest whole number of frames, at least
-  one), it is confirmed and an ``onset`` event is emitted at once: the detector does not wait for the sound
-  to end. A candidate that falls below the off
-  threshold before that is dropped without an event.
+  lasted ``min_duration_ms`` from the frame that reached on (or the class's own ``class_min_duration_ms``;
+  counted in frames: rounded to the nearest whole number of frames, at least one), it is confirmed and an
+  ``onset`` event is emitted at once: the detector does not wait for the sound to end. A candidate that falls
+  below the off threshold before that is dropped without an event.
 * The first frame below the off threshold ends a confirmed event: an ``offset`` event is emitted with the
   event's ``offset_s`` (that frame's time) and its peak ``score``. No new candidate of that class may start
   within ``refractory_ms`` (also rounded to whole frames) after the offset.
@@ -62,6 +66,15 @@ class Event:
         return json.dumps(self.to_dict())
 
 
+def _known_labels(labels: Sequence[str], overrides: dict[str, Any], key: str) -> dict[str, int]:
+    """Index of each label; a label in ``overrides`` that is not one of ``labels`` is a ConfigError."""
+    index = {label: i for i, label in enumerate(labels)}
+    for label in overrides:
+        if label not in index:
+            raise ConfigError(f"detector.{key}: unknown label {label!r} (labels: {', '.join(labels)})")
+    return index
+
+
 def class_thresholds(labels: Sequence[str], settings: DetectorConfig) -> tuple[np.ndarray, np.ndarray]:
     """Per-class (on, off) threshold arrays: the defaults of ``settings`` with its ``class-thresholds``.
 
@@ -69,12 +82,8 @@ def class_thresholds(labels: Sequence[str], settings: DetectorConfig) -> tuple[n
     """
     on = np.full(len(labels), settings.on_threshold, dtype=np.float32)
     off = np.full(len(labels), settings.off_threshold, dtype=np.float32)
-    index = {label: i for i, label in enumerate(labels)}
+    index = _known_labels(labels, settings.class_thresholds, "class-thresholds")
     for label, (on_value, off_value) in settings.class_thresholds.items():
-        if label not in index:
-            raise ConfigError(
-                f"detector.class-thresholds: unknown label {label!r} (labels: {', '.join(labels)})"
-            )
         on[index[label]], off[index[label]] = on_value, off_value
     return on, off
 
@@ -89,6 +98,18 @@ def min_duration_frames(min_duration_ms: float, frame_s: float) -> int:
     return max(1, to_frames(min_duration_ms, frame_s))
 
 
+def class_confirm_frames(labels: Sequence[str], settings: DetectorConfig, frame_s: float) -> np.ndarray:
+    """Per-class frames to confirm a candidate: ``min-duration-ms`` or the label's ``class-min-duration-ms``.
+
+    A label in ``class-min-duration-ms`` that is not one of ``labels`` is a :class:`ConfigError`.
+    """
+    frames = np.full(len(labels), min_duration_frames(settings.min_duration_ms, frame_s), dtype=np.int64)
+    index = _known_labels(labels, settings.class_min_duration_ms, "class-min-duration-ms")
+    for label, ms in settings.class_min_duration_ms.items():
+        frames[index[label]] = min_duration_frames(ms, frame_s)
+    return frames
+
+
 class EventTracker:
     """Streaming post-processing of per-frame probabilities ``[n_frames, n_classes]`` into events."""
 
@@ -99,21 +120,24 @@ class EventTracker:
         self.settings = settings
         self.frame_s = frame_s
         self.on, self.off = class_thresholds(self.labels, settings)
-        self.confirm_frames = min_duration_frames(settings.min_duration_ms, frame_s)
+        self.confirm_frames = class_confirm_frames(self.labels, settings, frame_s)
         self.refractory_frames = to_frames(settings.refractory_ms, frame_s)
         n = len(self.labels)
         self._state = np.full(n, _IDLE, dtype=np.int8)
-        self._onset = np.zeros(n, dtype=np.int64)
+        self._onset = np.zeros(n, dtype=np.int64)  # reported onset frame
+        self._start = np.zeros(n, dtype=np.int64)  # frame the candidate reached on; the minimum duration counts from it
         self._peak = np.zeros(n, dtype=np.float32)
         self._latency_ms = np.zeros(n, dtype=np.float64)
         self._blocked_until = np.zeros(n, dtype=np.int64)  # first frame at which a candidate may start
+        self._rise = np.zeros(n, dtype=np.int64)  # first frame of the current run at or above off (idle classes)
         self._n_running = 0  # classes pending or active
         self.n_frames = 0
 
     @property
     def algorithmic_delay_ms(self) -> float:
-        """Post-processing delay of an onset event after the onset frame: ``(confirm frames - 1)`` frames."""
-        return (self.confirm_frames - 1) * self.frame_s * 1000.0
+        """Post-processing delay of an onset event after the onset frame: ``(confirm frames - 1)`` frames (the
+        longest over the classes when their minimum durations differ)."""
+        return float(self.confirm_frames.max() - 1) * self.frame_s * 1000.0
 
     def update(self, probs: np.ndarray, emitted_s: float) -> list[Event]:
         """Consume the next frames' probabilities; events are stamped as emitted at ``emitted_s``."""
@@ -144,6 +168,10 @@ class EventTracker:
         t = self.n_frames
         self.n_frames += 1
         above_on = p >= self.on
+        if self.settings.onset_at_rise:
+            below_off = p < self.off
+            self._rise[below_off] = t + 1  # a run at or above off can start at the next frame at the earliest
+            np.maximum(self._rise, self._blocked_until, out=self._rise)
         if self._n_running == 0 and not above_on.any():  # fast path: nothing happening
             return []
         state = self._state
@@ -161,13 +189,14 @@ class EventTracker:
 
         start = above_on & ~running & (self._blocked_until <= t)
         if start.any():
-            self._onset[start] = t
+            self._start[start] = t
+            self._onset[start] = self._rise[start] if self.settings.onset_at_rise else t
             self._peak[start] = 0.0
             state[start] = _PENDING
             running |= start
 
         np.maximum(self._peak, p, out=self._peak, where=running)
-        confirm = (state == _PENDING) & (self._onset <= t + 1 - self.confirm_frames)
+        confirm = (state == _PENDING) & (self._start <= t + 1 - self.confirm_frames)
         if confirm.any():
             for c in np.flatnonzero(confirm):
                 self._latency_ms[c] = (emitted_s - self._onset[c] * self.frame_s) * 1000.0

@@ -181,6 +181,10 @@ class DetectorConfig:
     block_size: int = 160
     # label -> [on, off]: per-class thresholds replacing on-threshold / off-threshold for that label
     class_thresholds: dict[str, list[float]] = field(default_factory=dict)
+    # an event's onset is where its run above off-threshold began, not where it reached on-threshold
+    onset_at_rise: bool = False
+    # label -> minimum duration in ms, replacing min-duration-ms for that label
+    class_min_duration_ms: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(0 < self.on_threshold < 1, "on-threshold", "must be in (0, 1)")
@@ -194,6 +198,9 @@ class DetectorConfig:
                    and all(isinstance(v, int | float) and not isinstance(v, bool) for v in pair),
                    key, f"must be a list [on, off] of two numbers, got {pair!r}")
             _check(0 < pair[1] <= pair[0] < 1, key, f"needs 0 < off <= on < 1, got {list(pair)!r}")
+        for label, ms in self.class_min_duration_ms.items():
+            _check(isinstance(ms, int | float) and not isinstance(ms, bool) and ms >= 0,
+                   f"class-min-duration-ms.{label!r}", f"must be a non-negative number, got {ms!r}")
 
 
 ADAPT_MODES = ("head", "last-block", "all")
@@ -214,11 +221,15 @@ class PersonalizeConfig:
     aggressor_gain_db: tuple[float, ...] = (-6.0, 20.0)  # random gain of each aggressor piece: rooms get louder
     mix_probability: float = 0.5
     mix_gain_db: tuple[float, ...] = (-20.0, 0.0)  # gain of the background mixed under a sound piece
-    bundle_share: float = 0.2  # share of aggressor frames taken from the bundle's patches (rest: the user's)
+    bundle_share: float = 0.5  # share of aggressor frames taken from the bundle's patches (rest: the user's)
     min_examples: int = 5  # enrollment examples needed per sound
     holdout_fraction: float = 0.3
-    off_ratio: float = 0.6
+    off_ratio: float = 0.8
     min_duration_ms: float = 150.0  # a sound must hold this long: speech's nasals and fricatives do not
+    # a sustained sound must hold this share of its short enrolled examples (their 20th percentile) ...
+    min_duration_fraction: float = 1.0
+    max_min_duration_ms: float = 400.0  # ... but never longer than this
+    onset_at_rise: bool = True  # the detector's onset-at-rise (clients/postprocess.py)
     refractory_ms: float = 300.0
 
     def __post_init__(self) -> None:
@@ -241,6 +252,9 @@ class PersonalizeConfig:
             (0 < self.holdout_fraction < 1, "holdout-fraction", "must be in (0, 1)"),
             (0 < self.off_ratio <= 1, "off-ratio", "must be in (0, 1]"),
             (self.min_duration_ms >= 0, "min-duration-ms", "must be non-negative"),
+            (0 <= self.min_duration_fraction <= 1, "min-duration-fraction", "must be in [0, 1]"),
+            (self.max_min_duration_ms >= self.min_duration_ms, "max-min-duration-ms",
+             "must be at least min-duration-ms"),
             (self.refractory_ms >= 0, "refractory-ms", "must be non-negative"),
         ]
         for ok, key, message in checks:

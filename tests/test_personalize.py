@@ -21,6 +21,7 @@ from clients.personalize import (
     fine_tune,
     label_take,
     load_personalize_config,
+    min_durations,
     new_head_model,
     personalize,
     prepare_data,
@@ -160,6 +161,19 @@ def test_label_take_inflates_offsets_and_masks_pre_onset():
     assert take.onsets == [10, 40]
     assert np.flatnonzero(take.classes == 2).tolist() == list(range(10, 19)) + list(range(40, 46))
     assert np.flatnonzero(~take.mask).tolist() == [6, 7, 8, 9, 36, 37, 38, 39]
+
+
+def test_sustained_sounds_hold_a_share_of_their_enrolled_length_and_transients_the_floor():
+    settings = PersonalizeConfig(min_duration_ms=150, min_duration_fraction=0.75, max_min_duration_ms=300)
+    lengths = {"click": [0.04] * 10, "hum": [0.25, 0.28, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.0],
+               "hiss": [0.9] * 10}
+    durations = min_durations(lengths, settings)
+    assert durations["click"] == 150.0  # 30 ms of a 40 ms click is under the floor
+    assert durations["hum"] == pytest.approx(0.75 * 1000 * np.percentile(lengths["hum"], 20), abs=0.1)
+    assert 150 < durations["hum"] < 300
+    assert durations["hiss"] == 300.0  # capped
+    with pytest.raises(ValueError, match="max-min-duration-ms"):
+        PersonalizeConfig(min_duration_ms=200, max_min_duration_ms=100)
 
 
 def test_settings_file(tmp_path):

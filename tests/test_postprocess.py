@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from clients.postprocess import EventTracker, class_thresholds, min_duration_frames
+from clients.postprocess import EventTracker, class_confirm_frames, class_thresholds, min_duration_frames
 from fl.config import DetectorConfig
 from fl.errors import ConfigError
 
@@ -91,6 +91,25 @@ def test_unknown_label_in_class_thresholds_is_a_config_error():
         EventTracker(LABELS, DetectorConfig(class_thresholds={"snap": [0.6, 0.4]}), FRAME_S)
 
 
+def test_per_class_minimum_duration_replaces_the_default_for_its_label():
+    settings = DetectorConfig(min_duration_ms=20, refractory_ms=0, class_min_duration_ms={"click": 50})
+    assert class_confirm_frames(LABELS, settings, FRAME_S).tolist() == [2, 5]
+    four = [0.0, 0.9, 0.9, 0.9, 0.9, 0.0]  # four frames: a pop (2 needed), not a click (5 needed)
+    events = onsets(run(four, settings, sequence_b=four))
+    assert [(e.label, e.latency_ms) for e in events] == [("pop", pytest.approx(20.0))]
+    five = [0.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.0]
+    events = onsets(run(five, settings, sequence_b=five))
+    assert [(e.label, e.latency_ms) for e in events] == [("pop", pytest.approx(20.0)), ("click", pytest.approx(50.0))]
+    assert EventTracker(LABELS, settings, FRAME_S).algorithmic_delay_ms == pytest.approx(40.0)  # the slowest class
+
+
+def test_bad_per_class_minimum_duration_is_a_config_error():
+    with pytest.raises(ConfigError, match="class-min-duration-ms: unknown label 'snap'"):
+        EventTracker(LABELS, DetectorConfig(class_min_duration_ms={"snap": 40.0}), FRAME_S)
+    with pytest.raises(ValueError, match="class-min-duration-ms.'pop'"):
+        DetectorConfig(class_min_duration_ms={"pop": -5.0})
+
+
 def test_chunking_does_not_change_the_events():
     rng = np.random.default_rng(0)
     seq = np.clip(np.repeat(rng.random(40), 3) * 1.2 - 0.1, 0, 1)
@@ -114,3 +133,20 @@ def test_bad_probability_shape_is_refused():
     tracker = EventTracker(LABELS, DetectorConfig(), FRAME_S)
     with pytest.raises(ValueError, match="probabilities must be"):
         tracker.update(np.zeros((3, 5)), 0.0)
+
+
+def test_onset_at_rise_dates_the_event_from_its_run_above_off():
+    seq = [0.0, 0.35, 0.4, 0.45, 0.9, 0.9, 0.9, 0.1, 0.0]
+    plain = DetectorConfig(min_duration_ms=20, refractory_ms=0)
+    rise = DetectorConfig(min_duration_ms=20, refractory_ms=0, onset_at_rise=True)
+    (a,) = onsets(run(seq, plain))
+    (b,) = onsets(run(seq, rise))
+    assert a.onset_s == pytest.approx(0.04) and b.onset_s == pytest.approx(0.01)  # 0.35 >= off starts the rise
+    assert a.emitted_s == b.emitted_s == pytest.approx(0.06)  # confirmed on the second frame at or above on
+    assert b.latency_ms == pytest.approx(50.0)
+    # a run broken by a frame below off starts again; the refractory time bounds the rise too
+    broken = [0.4, 0.2, 0.4, 0.9, 0.9, 0.0]
+    assert onsets(run(broken, rise))[0].onset_s == pytest.approx(0.02)
+    blocked = DetectorConfig(min_duration_ms=0, refractory_ms=50, onset_at_rise=True)
+    after = [0.9, 0.0, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.9, 0.0]  # offset at frame 1: blocked until frame 6
+    assert [e.onset_s for e in onsets(run(after, blocked))] == pytest.approx([0.0, 0.06])
