@@ -41,6 +41,15 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_mouth_sounds(args: argparse.Namespace) -> int:
+    from data_prep.mouth_corpus import synthesize_mouth_corpus
+
+    out = synthesize_mouth_corpus(Path(args.out), n_voices=args.voices, takes_per_sound=args.takes,
+                                  background_clips=args.background, seed=args.seed or 0, progress=_progress(args))
+    print(f"synthetic mouth-sound corpus (FSD50K layout, one uploader per voice): {out}")
+    return 0
+
+
 def cmd_data_download(args: argparse.Namespace) -> int:
     from data_prep.download import ZENODO_BASE_URL, download_fsd50k
 
@@ -130,10 +139,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from clients.bundle import export_bundle
+    from clients.bundle import DEFAULT_BACKGROUND_PATCHES, export_bundle
 
     config = _config(args)
-    path = export_bundle(Path(args.model), Path(args.bundle), config, store=Path(args.store) if args.store else None)
+    patches = DEFAULT_BACKGROUND_PATCHES if args.background_patches is None else args.background_patches
+    path = export_bundle(Path(args.model), Path(args.bundle), config, store=Path(args.store) if args.store else None,
+                         background_patches=patches, exclude_labels=args.exclude_labels)
     print(f"detector bundle: {path}")
     return 0
 
@@ -210,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips", type=int, default=600)
     p.add_argument("--uploaders", type=int, default=60)
     p.add_argument("--classes", type=int, default=10)
+    p = add("mouth-sounds", cmd_data_mouth_sounds, "write a many-voice mouth-sound corpus in FSD50K's layout", dsub)
+    p.add_argument("out")
+    p.add_argument("--voices", type=int, default=80, help="voices (uploaders); one in ten each to val and eval")
+    p.add_argument("--takes", type=int, default=2, help="takes of each mouth sound per voice")
+    p.add_argument("--background", type=int, default=4, help="4 s background clips per voice")
     p = add("download", cmd_data_download, "fetch FSD50K (resumable, md5-checked), join split zips, extract", dsub)
     p.add_argument("out")
     p.add_argument("--parts", default="dev,eval,meta", help="comma-separated: dev, eval, meta")
@@ -266,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("bundle")
     p.add_argument("--store", default=None, help="feature store to take background patches from")
+    p.add_argument("--background-patches", type=int, default=None,
+                   help="train patches to carry as aggressors for personalization (default 128; at most 4 MB)")
+    p.add_argument("--exclude-labels", nargs="+", default=[], metavar="LABEL",
+                   help="leave out patches of clips with these labels (sounds users may choose as triggers)")
 
     p = add("enroll", cmd_enroll, "records or imports a user's example sounds (or background material)")
     p.add_argument("profile")

@@ -159,3 +159,15 @@ def test_profile_directories_resolve_to_their_personal_bundle(exported, tmp_path
     assert load_bundle(profile).labels == exported[0].labels
     with pytest.raises(BundleError, match="no detector bundle here"):
         load_bundle(tmp_path / "empty")
+
+
+def test_cli_export_carries_the_asked_number_of_background_patches_without_excluded_labels(exported, tmp_path):
+    from fl.cli import main
+
+    store, model_path, _ = exported
+    out = tmp_path / "cli-bundle"
+    code = main(["export", str(model_path), str(out), "--store", str(store.path), "--background-patches", "12",
+                 "--exclude-labels", store.labels[0], store.labels[1], "--workdir", str(tmp_path), "-q"])
+    assert code == 0
+    _, labels = load_bundle(out).background()
+    assert labels.shape == (12, store.n_classes) and not labels[:, :2].any()

@@ -23,7 +23,7 @@ def test_help_lists_every_command(capsys) -> None:
     for command in COMMANDS:
         assert command in text
     data = help_text(capsys, "data")
-    for command in ("synth", "download", "prep", "partition"):
+    for command in ("synth", "mouth-sounds", "download", "prep", "partition"):
         assert command in data
 
 

@@ -1,0 +1,81 @@
+"""A corpus of synthetic mouth sounds from many voices, in FSD50K's release layout.
+
+What a federation of many users would hold, and what the global detector of Lea et al. was trained on: each
+voice (:func:`clients.mouth_sounds.make_voice`) is one uploader, with a few takes of each mouth sound
+(``pop``, ``click``, ``hiss``, ``hum``, ``whistle``: one label each) and clips of its background (its room, its
+speech and other talkers, fan, traffic, babble: the label ``background``). Voices are split whole between
+train, val and eval (one in ten each to val and eval), so a partition by uploader is a partition by voice.
+Audio is written at 44.1 kHz, PCM_16, mono; ``fedsound data prep`` turns the tree into a feature store like
+any FSD50K tree. The same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from clients.mouth_sounds import SOUNDS, background_take, enrollment_take, make_aggressor_stream, make_voice
+from data_prep.fsd50k import AUDIO_DIRS, GROUND_TRUTH, METADATA
+from fl.errors import ConfigError
+
+RATE = 44100
+BACKGROUND = "background"
+LABELS = (*SOUNDS, BACKGROUND)
+TAKE_SECONDS = 2.0
+BACKGROUND_SECONDS = 4.0
+
+
+def _split(voice: int) -> str:
+    return {8: "val", 9: "eval"}.get(voice % 10, "train")
+
+
+def synthesize_mouth_corpus(out: Path, n_voices: int = 80, takes_per_sound: int = 2, background_clips: int = 4,
+                            seed: int = 0, progress: bool = True) -> Path:
+    """Write the corpus under ``out`` (replaced if it exists); returns ``out``.
+
+    Per voice: ``takes_per_sound`` takes of each mouth sound (2 s each) and ``background_clips`` clips of
+    background (4 s each, half aggressor streams, half the voice's room with its speech).
+    """
+    if n_voices < 10 or takes_per_sound < 1 or background_clips < 1:
+        raise ConfigError(f"mouth corpus: needs at least 10 voices, 1 take per sound and 1 background clip "
+                          f"(got {n_voices}, {takes_per_sound}, {background_clips})")
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    for folder in (*AUDIO_DIRS.values(), GROUND_TRUTH, METADATA):
+        (out / folder).mkdir(parents=True)
+    rows: dict[str, list[list[str]]] = {"dev": [], "eval": []}
+    infos: dict[str, dict[str, dict[str, str]]] = {"dev": {}, "eval": {}}
+    fname = 0
+    for v in tqdm(range(n_voices), desc="mouth corpus", unit="voice", disable=not progress):
+        voice = make_voice([seed, 100, v])
+        clips = [(kind, enrollment_take(kind, voice, [seed, 101, v, k, j], RATE, TAKE_SECONDS).wave)
+                 for k, kind in enumerate(SOUNDS) for j in range(takes_per_sound)]
+        for j in range(background_clips):
+            make = make_aggressor_stream if j % 2 == 0 else background_take
+            clips.append((BACKGROUND, make(voice, seconds=BACKGROUND_SECONDS, seed=[seed, 102, v, j],
+                                           sample_rate=RATE).wave))
+        split = _split(v)
+        part = "eval" if split == "eval" else "dev"
+        for label, wave in clips:
+            fname += 1
+            pcm = np.round(np.clip(wave, -1.0, 1.0) * 32767.0).astype(np.int16)
+            sf.write(out / AUDIO_DIRS[part] / f"{fname}.wav", pcm, RATE, subtype="PCM_16", format="WAV")
+            rows[part].append([str(fname), label, f"synthetic:{label}"] + ([split] if part == "dev" else []))
+            infos[part][str(fname)] = {"uploader": f"voice{v:03d}", "title": f"{label}_{fname}.wav",
+                                       "license": "http://creativecommons.org/publicdomain/zero/1.0/"}
+    for part, header in (("dev", ["fname", "labels", "mids", "split"]), ("eval", ["fname", "labels", "mids"])):
+        with (out / GROUND_TRUTH / f"{part}.csv").open("w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle, lineterminator="\n").writerows([header, *rows[part]])
+        with (out / METADATA / f"{part}_clips_info_FSD50K.json").open("w", encoding="utf-8") as handle:
+            json.dump(infos[part], handle, sort_keys=True, indent=1)
+    with (out / GROUND_TRUTH / "vocabulary.csv").open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle, lineterminator="\n").writerows(
+            [[str(i), label, f"synthetic:{label}"] for i, label in enumerate(LABELS)])
+    return out
