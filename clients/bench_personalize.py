@@ -84,6 +84,7 @@ def global_bundle(workdir: Path, quick: bool, seed: int, progress: bool) -> tupl
     config = load_config(features, overrides={"seed": seed, "train.epochs": sizes["epochs"], "train.lr": 2e-3,
                                               "train.patience": 0, "train.device": "cpu"})
     corpus, store = workdir / "mouth-corpus", workdir / "store" / "store.h5"
+    shutil.rmtree(corpus, ignore_errors=True)
     synthesize_mouth_corpus(corpus, n_voices=sizes["voices"], takes_per_sound=sizes["takes_per_sound"],
                             background_clips=sizes["background_clips"], seed=seed, progress=progress)
     prep(corpus, store, config.frontend, workers=2, progress=progress)

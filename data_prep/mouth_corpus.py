@@ -11,9 +11,7 @@ any FSD50K tree. The same seed gives byte-identical files.
 
 from __future__ import annotations
 
-import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from tqdm import tqdm
 
 from clients.mouth_sounds import SOUNDS, background_take, enrollment_take, make_aggressor_stream, make_voice
 from data_prep.fsd50k import AUDIO_DIRS, GROUND_TRUTH, METADATA
+from data_prep.synth import staged_tree, write_csv
 from fl.errors import ConfigError
 
 RATE = 44100
@@ -37,45 +36,45 @@ def _split(voice: int) -> str:
 
 def synthesize_mouth_corpus(out: Path, n_voices: int = 80, takes_per_sound: int = 2, background_clips: int = 4,
                             seed: int = 0, progress: bool = True) -> Path:
-    """Write the corpus under ``out`` (replaced if it exists); returns ``out``.
+    """Write the corpus under ``out``; returns ``out``.
 
     Per voice: ``takes_per_sound`` takes of each mouth sound (2 s each) and ``background_clips`` clips of
-    background (4 s each, half aggressor streams, half the voice's room with its speech).
+    background (4 s each, half aggressor streams, half the voice's room with its speech). ``out`` must not
+    exist or be an empty directory; the tree is written beside it and moved into place only when complete.
+    Raises ConfigError for impossible sizes and DataError for an unusable ``out``.
     """
     if n_voices < 10 or takes_per_sound < 1 or background_clips < 1:
         raise ConfigError(f"mouth corpus: needs at least 10 voices, 1 take per sound and 1 background clip "
                           f"(got {n_voices}, {takes_per_sound}, {background_clips})")
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    for folder in (*AUDIO_DIRS.values(), GROUND_TRUTH, METADATA):
-        (out / folder).mkdir(parents=True)
-    rows: dict[str, list[list[str]]] = {"dev": [], "eval": []}
-    infos: dict[str, dict[str, dict[str, str]]] = {"dev": {}, "eval": {}}
-    fname = 0
-    for v in tqdm(range(n_voices), desc="mouth corpus", unit="voice", disable=not progress):
-        voice = make_voice([seed, 100, v])
-        clips = [(kind, enrollment_take(kind, voice, [seed, 101, v, k, j], RATE, TAKE_SECONDS).wave)
-                 for k, kind in enumerate(SOUNDS) for j in range(takes_per_sound)]
-        for j in range(background_clips):
-            make = make_aggressor_stream if j % 2 == 0 else background_take
-            clips.append((BACKGROUND, make(voice, seconds=BACKGROUND_SECONDS, seed=[seed, 102, v, j],
-                                           sample_rate=RATE).wave))
-        split = _split(v)
-        part = "eval" if split == "eval" else "dev"
-        for label, wave in clips:
-            fname += 1
-            pcm = np.round(np.clip(wave, -1.0, 1.0) * 32767.0).astype(np.int16)
-            sf.write(out / AUDIO_DIRS[part] / f"{fname}.wav", pcm, RATE, subtype="PCM_16", format="WAV")
-            rows[part].append([str(fname), label, f"synthetic:{label}"] + ([split] if part == "dev" else []))
-            infos[part][str(fname)] = {"uploader": f"voice{v:03d}", "title": f"{label}_{fname}.wav",
-                                       "license": "http://creativecommons.org/publicdomain/zero/1.0/"}
-    for part, header in (("dev", ["fname", "labels", "mids", "split"]), ("eval", ["fname", "labels", "mids"])):
-        with (out / GROUND_TRUTH / f"{part}.csv").open("w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle, lineterminator="\n").writerows([header, *rows[part]])
-        with (out / METADATA / f"{part}_clips_info_FSD50K.json").open("w", encoding="utf-8") as handle:
-            json.dump(infos[part], handle, sort_keys=True, indent=1)
-    with (out / GROUND_TRUTH / "vocabulary.csv").open("w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle, lineterminator="\n").writerows(
-            [[str(i), label, f"synthetic:{label}"] for i, label in enumerate(LABELS)])
+    with staged_tree(out) as root:
+        for folder in (*AUDIO_DIRS.values(), GROUND_TRUTH, METADATA):
+            (root / folder).mkdir(parents=True)
+        rows: dict[str, list[list[str]]] = {"dev": [], "eval": []}
+        infos: dict[str, dict[str, dict[str, str]]] = {"dev": {}, "eval": {}}
+        fname = 0
+        for v in tqdm(range(n_voices), desc="mouth corpus", unit="voice", disable=not progress):
+            voice = make_voice([seed, 100, v])
+            clips = [(kind, enrollment_take(kind, voice, [seed, 101, v, k, j], RATE, TAKE_SECONDS).wave)
+                     for k, kind in enumerate(SOUNDS) for j in range(takes_per_sound)]
+            for j in range(background_clips):
+                make = make_aggressor_stream if j % 2 == 0 else background_take
+                clips.append((BACKGROUND, make(voice, seconds=BACKGROUND_SECONDS, seed=[seed, 102, v, j],
+                                               sample_rate=RATE).wave))
+            split = _split(v)
+            part = "eval" if split == "eval" else "dev"
+            for label, wave in clips:
+                fname += 1
+                pcm = np.round(np.clip(wave, -1.0, 1.0) * 32767.0).astype(np.int16)
+                sf.write(root / AUDIO_DIRS[part] / f"{fname}.wav", pcm, RATE, subtype="PCM_16", format="WAV")
+                rows[part].append([str(fname), label, f"synthetic:{label}"] + ([split] if part == "dev" else []))
+                infos[part][str(fname)] = {"uploader": f"voice{v:03d}", "title": f"{label}_{fname}.wav",
+                                           "license": "http://creativecommons.org/publicdomain/zero/1.0/"}
+        write_csv(root / GROUND_TRUTH / "dev.csv", ["fname", "labels", "mids", "split"], rows["dev"])
+        write_csv(root / GROUND_TRUTH / "eval.csv", ["fname", "labels", "mids"], rows["eval"])
+        write_csv(root / GROUND_TRUTH / "vocabulary.csv", None,
+                  [[str(i), label, f"synthetic:{label}"] for i, label in enumerate(LABELS)])
+        for part in ("dev", "eval"):
+            with (root / METADATA / f"{part}_clips_info_FSD50K.json").open("w", encoding="utf-8") as handle:
+                json.dump(infos[part], handle, sort_keys=True, indent=1)
     return out

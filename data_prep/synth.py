@@ -15,6 +15,8 @@ import csv
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -735,7 +737,8 @@ def _plan(
     return uploaders, clips, n_dev_uploaders
 
 
-def _write_csv(path: Path, header: list[str] | None, rows: list[list[str]]) -> None:
+def write_csv(path: Path, header: list[str] | None, rows: list[list[str]]) -> None:
+    """Rows (and a header row, unless None) as CSV with FSD50K's line ends."""
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         if header is not None:
@@ -753,6 +756,28 @@ def _clip_info(uploader: _Uploader, labels: list[str], number: int) -> dict[str,
         "license": uploader.license,
         "uploader": uploader.name,
     }
+
+
+@contextmanager
+def staged_tree(out: Path) -> Iterator[Path]:
+    """A folder to write a corpus tree into, moved to ``out`` only when the block completes (removed if it
+    fails). ``out`` must not exist or be an empty directory: DataError otherwise, before anything is written."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: already exists and is not an empty directory; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():  # left behind by an interrupted run
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
 def synthesize_corpus(
@@ -776,8 +801,6 @@ def synthesize_corpus(
     """
     out = Path(out)
     _validate(n_clips, n_uploaders, n_classes, eval_fraction, val_fraction)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: already exists and is not an empty directory; refusing to overwrite it")
     uploaders, clips, n_dev_uploaders = _plan(
         n_clips, n_uploaders, n_classes, seed, eval_fraction, val_fraction
     )
@@ -788,19 +811,8 @@ def synthesize_corpus(
     for clip in clips:
         clip.labels = [position[row] for row in clip.labels]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial"
-    if staging.exists():  # left behind by an interrupted run of this function
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
+    with staged_tree(out) as staging:
         _write_tree(staging, clips, uploaders, chosen, seed, progress)
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
     dev = [c for c in clips if c.split != "eval"]
     return SynthSummary(
@@ -849,9 +861,9 @@ def _write_tree(
         infos[group][str(clip.fname)] = _clip_info(uploader, names, int(per_uploader[clip.uploader]))
 
     by_fname = {group: sorted(group_rows, key=lambda r: int(r[0])) for group, group_rows in rows.items()}
-    _write_csv(truth / "dev.csv", ["fname", "labels", "mids", "split"], by_fname["dev"])
-    _write_csv(truth / "eval.csv", ["fname", "labels", "mids"], by_fname["eval"])
-    _write_csv(truth / "vocabulary.csv", None, [[str(i), c.label, c.mid] for i, c in enumerate(vocabulary)])
+    write_csv(truth / "dev.csv", ["fname", "labels", "mids", "split"], by_fname["dev"])
+    write_csv(truth / "eval.csv", ["fname", "labels", "mids"], by_fname["eval"])
+    write_csv(truth / "vocabulary.csv", None, [[str(i), c.label, c.mid] for i, c in enumerate(vocabulary)])
     for group in ("dev", "eval"):
         with (meta / f"{group}_clips_info_FSD50K.json").open("w", encoding="utf-8") as handle:
             json.dump(infos[group], handle, sort_keys=True, indent=4)

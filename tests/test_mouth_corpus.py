@@ -12,7 +12,7 @@ from data_prep.fsd50k import read_index
 from data_prep.mouth_corpus import BACKGROUND, synthesize_mouth_corpus
 from data_prep.prep import prep
 from fl.config import CONFIG_DIR, load_config
-from fl.errors import ConfigError
+from fl.errors import ConfigError, DataError
 from fl.store import FeatureStore
 
 VOICES = 10
@@ -78,6 +78,15 @@ def test_cli_writes_the_corpus(tmp_path, capsys):
                  "--seed", "3", "--workdir", str(tmp_path), "-q"])
     assert code == 0 and "one uploader per voice" in capsys.readouterr().out
     assert len(read_index(tmp_path / "cli").clips) == 10 * (len(SOUNDS) + 1)
+
+
+def test_an_existing_folder_is_never_overwritten(tmp_path):
+    keep = tmp_path / "mine" / "notes.txt"
+    keep.parent.mkdir()
+    keep.write_text("do not delete")
+    with pytest.raises(DataError, match="refusing to overwrite it"):
+        synthesize_mouth_corpus(keep.parent, n_voices=VOICES, progress=False)
+    assert keep.read_text() == "do not delete" and sorted(tmp_path.iterdir()) == [keep.parent]
 
 
 def test_too_small_a_corpus_is_refused(tmp_path):
