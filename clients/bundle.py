@@ -178,7 +178,7 @@ def write_bundle(
             np.save(tmp / BACKGROUND_LABELS, np.asarray(patch_labels, dtype=np.uint8), allow_pickle=False)
             background_info = {"patches": int(len(patches)), "patch_frames": int(patches.shape[1]),
                                "dtype": "float16"}
-        frame_ms = 1000.0 * frontend.hop_length / frontend.sample_rate
+        frame_ms = 1000.0 * frame_s
         frontend_delay_ms = 1000.0 * (frontend.n_fft - frontend.n_fft // 2) / frontend.sample_rate
         postprocess_ms = (confirm_frames - 1) * frame_ms  # the slowest class
         files = sorted(p.name for p in tmp.iterdir())
