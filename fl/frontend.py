@@ -5,8 +5,8 @@ features a model sees on the laptop are computed exactly as those it was trained
 
 The numbers are torchaudio's: ``Resample`` (sinc interpolation, its default width and rolloff) followed by
 ``MelSpectrogram`` (Hann window, ``center=True`` with reflect padding, htk mel scale, no norm). They are
-computed here from the same kernel, window and filterbank in a form about twice as fast on a CPU (`fedsound
-bench prep`): whole-factor decimation (FSD50K's 44.1 kHz to 22.05 kHz) runs polyphase in fixed-size blocks,
+computed here from the same kernel, window and filterbank in a form about three times as fast on a CPU
+(`fedsound bench prep`): whole-factor decimation (FSD50K's 44.1 kHz to 22.05 kHz) runs polyphase in fixed-size blocks,
 and the STFT is an ``unfold`` of the padded signal into frames followed by one real FFT, which is also how
 the streaming detector computes its frames.
 """
