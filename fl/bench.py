@@ -6,7 +6,10 @@ import importlib
 import json
 from pathlib import Path
 
-# stage -> (module, function); every function takes (workdir, quick, out_json) and returns a dict of figures.
+from fl.errors import ConfigError
+
+# stage -> (module, function); every function takes (workdir, quick, out_json) and returns a dict of figures;
+# run_personalize_bench also takes settings (from --config).
 BENCHES = {
     "prep": ("fl.bench_prep", "run_prep_bench"),
     "train": ("fl.bench_train", "run_train_bench"),
@@ -17,11 +20,21 @@ BENCHES = {
 }
 
 
-def run_bench(what: str, workdir: Path, quick: bool = False, out: Path | None = None) -> int:
-    """Run one benchmark into ``workdir/bench/WHAT``."""
+def run_bench(what: str, workdir: Path, quick: bool = False, out: Path | None = None, config: Path | None = None
+              ) -> int:
+    """Run one benchmark into ``workdir/bench/WHAT``. ``config``: a TOML file whose ``[personalize]`` table
+    bench personalize fine-tunes with; the other benchmarks have fixed settings and refuse one."""
     module_name, function = BENCHES[what]
+    options = {}
+    if config is not None:
+        if what != "personalize":
+            raise ConfigError(f"--config: bench {what} has fixed settings; only bench personalize reads a config "
+                              f"(its [personalize] table)")
+        from clients.personalize import load_personalize_config
+
+        options["settings"] = load_personalize_config(config)
     module = importlib.import_module(module_name)
-    getattr(module, function)(workdir=Path(workdir) / "bench" / what, quick=quick, out_json=out)
+    getattr(module, function)(workdir=Path(workdir) / "bench" / what, quick=quick, out_json=out, **options)
     return 0
 
 

@@ -180,7 +180,8 @@ def cmd_personalize(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from fl.bench import run_bench
 
-    return run_bench(args.what, Path(args.workdir), quick=args.quick, out=Path(args.out) if args.out else None)
+    return run_bench(args.what, Path(args.workdir), quick=args.quick, out=Path(args.out) if args.out else None,
+                     config=args.config)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

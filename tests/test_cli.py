@@ -62,3 +62,17 @@ def test_enroll_needs_a_sound_or_background(tmp_path, capsys) -> None:
     code = main(["enroll", str(tmp_path / "profile"), "--from-files", "x.wav", "--workdir", str(tmp_path), "-q"])
     assert code == 1
     assert "--sound NAME or --background" in capsys.readouterr().err
+
+
+def test_bench_personalize_reads_the_config_and_other_benches_refuse_one(tmp_path, capsys) -> None:
+    bad = tmp_path / "personalize.toml"
+    bad.write_text("[personalize]\nsteps = 0\n")
+    code = main(["bench", "personalize", "--config", str(bad), "--workdir", str(tmp_path), "-q"])
+    assert code == 1
+    assert f"{bad}: personalize.steps: must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "bench" / "personalize").exists()
+    code = main(["bench", "sim", "--config", str(bad), "--workdir", str(tmp_path), "-q"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "--config: bench sim has fixed settings" in err
+    assert not (tmp_path / "bench" / "sim").exists()
