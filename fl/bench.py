@@ -8,8 +8,8 @@ from pathlib import Path
 
 from fl.errors import ConfigError
 
-# stage -> (module, function); every function takes (workdir, quick, out_json) and returns a dict of figures;
-# run_personalize_bench also takes settings (from --config).
+# stage -> (module, function); every function takes (workdir, quick, out_json, progress) and returns a dict of
+# figures; run_personalize_bench also takes settings (from --config).
 BENCHES = {
     "prep": ("fl.bench_prep", "run_prep_bench"),
     "train": ("fl.bench_train", "run_train_bench"),
@@ -20,10 +20,11 @@ BENCHES = {
 }
 
 
-def run_bench(what: str, workdir: Path, quick: bool = False, out: Path | None = None, config: Path | None = None
-              ) -> int:
+def run_bench(what: str, workdir: Path, quick: bool = False, out: Path | None = None, config: Path | None = None,
+              progress: bool = True) -> int:
     """Run one benchmark into ``workdir/bench/WHAT``. ``config``: a TOML file whose ``[personalize]`` table
-    bench personalize fine-tunes with; the other benchmarks have fixed settings and refuse one."""
+    bench personalize fine-tunes with; the other benchmarks have fixed settings and refuse one. ``progress``:
+    progress bars on the long steps."""
     module_name, function = BENCHES[what]
     options = {}
     if config is not None:
@@ -34,7 +35,8 @@ def run_bench(what: str, workdir: Path, quick: bool = False, out: Path | None = 
 
         options["settings"] = load_personalize_config(config)
     module = importlib.import_module(module_name)
-    getattr(module, function)(workdir=Path(workdir) / "bench" / what, quick=quick, out_json=out, **options)
+    getattr(module, function)(workdir=Path(workdir) / "bench" / what, quick=quick, out_json=out, progress=progress,
+                              **options)
     return 0
 
 

@@ -43,13 +43,13 @@ SIZES = {  # quick: a smoke run; full: enough audio that the pool's start-up is 
 }
 
 
-def _corpus(workdir: Path, n_clips: int, n_uploaders: int, seed: int) -> Path:
+def _corpus(workdir: Path, n_clips: int, n_uploaders: int, seed: int, progress: bool) -> Path:
     """The synthetic corpus for these sizes, synthesised once and reused."""
     root = workdir / f"corpus-{n_clips}-{n_uploaders}-{seed}"
     if not (root / "FSD50K.ground_truth" / "dev.csv").exists():
         if root.exists():
             shutil.rmtree(root)
-        synthesize_corpus(root, n_clips=n_clips, n_uploaders=n_uploaders, seed=seed, progress=False)
+        synthesize_corpus(root, n_clips=n_clips, n_uploaders=n_uploaders, seed=seed, progress=progress)
     return root
 
 
@@ -78,12 +78,13 @@ def _read_rate(store: FeatureStore, min_seconds: float, seed: int) -> tuple[floa
         torch.set_num_threads(threads)
 
 
-def run_prep_bench(workdir: Path, quick: bool = False, out_json: Path | None = None, seed: int = 0) -> dict:
+def run_prep_bench(workdir: Path, quick: bool = False, out_json: Path | None = None, seed: int = 0,
+                   progress: bool = False) -> dict:
     """Synthesise a corpus, prep it with two workers, time random batch reads; print a table, return it."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     sizes = SIZES[quick]
-    root = _corpus(workdir, sizes["n_clips"], sizes["n_uploaders"], seed)
+    root = _corpus(workdir, sizes["n_clips"], sizes["n_uploaders"], seed, progress)
 
     store_path = workdir / "store" / "store.h5"
     if store_path.parent.exists():

@@ -71,7 +71,7 @@ QUICK = Sizes(clips=200, uploaders=20, classes=5, federation=10, per_round=(4, 1
               client_seconds=0.25, supernodes=100, sampled=10, scale_rounds=1)
 
 
-def bench_store(workdir: Path, sizes: Sizes) -> Path:
+def bench_store(workdir: Path, sizes: Sizes, progress: bool = False) -> Path:
     """The synthetic corpus and its feature store for these sizes, made once and reused."""
     tag = f"{sizes.clips}-{sizes.uploaders}-{sizes.classes}-{SEED}"
     corpus, store = workdir / f"corpus-{tag}", workdir / f"store-{tag}.h5"
@@ -80,8 +80,8 @@ def bench_store(workdir: Path, sizes: Sizes) -> Path:
             if corpus.exists():
                 shutil.rmtree(corpus)
             synthesize_corpus(corpus, n_clips=sizes.clips, n_uploaders=sizes.uploaders, n_classes=sizes.classes,
-                              seed=SEED, progress=False)
-        prep(corpus, store, FrontendConfig(), workers=min(2, os.cpu_count() or 1), progress=False)
+                              seed=SEED, progress=progress)
+        prep(corpus, store, FrontendConfig(), workers=min(2, os.cpu_count() or 1), progress=progress)
     return store
 
 
@@ -253,13 +253,14 @@ def run_scale(store: Path, workdir: Path, sizes: Sizes) -> dict[str, Any]:
     }
 
 
-def run_sim_bench(workdir: Path, quick: bool = False, out_json: Path | None = None) -> dict[str, Any]:
+def run_sim_bench(workdir: Path, quick: bool = False, out_json: Path | None = None, progress: bool = False
+                  ) -> dict[str, Any]:
     """Run both parts (module docstring); print a table, write JSON to ``out_json`` when given."""
     sizes = QUICK if quick else FULL
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     configure_environment(workdir)
-    store = bench_store(workdir, sizes)
+    store = bench_store(workdir, sizes, progress)
     report = {
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
         "load_average_1min_at_start": os.getloadavg()[0],  # other work on the machine skews every figure

@@ -181,7 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fl.bench import run_bench
 
     return run_bench(args.what, Path(args.workdir), quick=args.quick, out=Path(args.out) if args.out else None,
-                     config=args.config)
+                     config=args.config, progress=_progress(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
