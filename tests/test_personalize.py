@@ -192,3 +192,36 @@ def test_settings_file(tmp_path):
     path.write_text("[detector]\non-threshold = 0.5\n")
     assert load_personalize_config(path) == PersonalizeConfig()  # other sections leave the defaults
     assert json.loads(json.dumps(dataclasses.asdict(PersonalizeConfig())))  # plain data
+
+
+def test_bench_pools_users_by_summing_counts_and_hours():
+    from clients.bench_personalize import Quality
+    from clients.event_metrics import EventCounts
+
+    first = Quality({"pop": EventCounts(9, 1, 1), "hum": EventCounts(10, 0, 0)}, {"pop": [100.0], "hum": [400.0]},
+                    {"hum": 2}, 3600.0)
+    second = Quality({"pop": EventCounts(5, 5, 5), "hum": EventCounts(8, 0, 2)}, {"pop": [140.0, 160.0], "hum": []},
+                     {"pop": 1}, 1800.0)
+    pooled = (first + second).figures()
+    assert pooled["precision"] == pytest.approx(32 / 38) and pooled["recall"] == pytest.approx(32 / 40)
+    assert pooled["per_sound"]["pop"]["tp"] == 14 and pooled["per_sound"]["hum"]["fn"] == 2
+    assert pooled["false_triggers"] == 3 and pooled["false_triggers_by_sound"] == {"hum": 2, "pop": 1}
+    assert pooled["false_triggers_per_hour"] == pytest.approx(2.0) and pooled["aggressor_hours"] == 1.5
+    assert pooled["median_latency_ms"] == 150.0 and pooled["median_latency_ms_by_sound"]["pop"] == 140.0
+    assert first.figures()["false_triggers_per_hour"] == 2.0  # pooling made a new Quality
+
+
+def test_personalize_bench_quick_reports_each_user_and_the_pool(tmp_path, capsys):
+    from clients.bench_personalize import run_personalize_bench
+
+    report = run_personalize_bench(tmp_path, quick=True, progress=False)
+    written = json.loads((tmp_path / "personalize.json").read_text())["results"]
+    assert {k: v["per_sound"] for k, v in written.items()} == {k: v["per_sound"] for k, v in report["results"].items()}
+    (seed, user), = report["users"].items()
+    for count in (10, 5):
+        pooled, own = report["results"][f"{count}_examples"], user[f"{count}_examples"]
+        assert pooled["per_sound"] == own["per_sound"] and pooled["false_triggers"] == own["false_triggers"]
+        assert sum(row["tp"] + row["fn"] for row in own["per_sound"].values()) == user["test_stream"]["events"]
+        assert 0.0 <= own["untuned_held_out_f1"] <= 1.0 and own["fine_tune_seconds"] > 0
+    table = capsys.readouterr().out
+    assert f"per user (precision/recall/false triggers): {seed} " in table and "targets (10 examples)" in table
