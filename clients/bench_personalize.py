@@ -219,8 +219,10 @@ def evaluate_bundle(source: Path, test_wave: np.ndarray, reference: list[tuple[s
 
 
 def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, user_seed: int,
-               settings: PersonalizeConfig, progress: bool) -> tuple[dict[int, Quality], dict[int, dict[str, Any]]]:
-    """One synthetic user: enroll, personalize each profile, evaluate; returns count -> (quality, run facts)."""
+               settings: PersonalizeConfig, progress: bool
+               ) -> tuple[dict[int, Quality], dict[int, dict[str, Any]], dict[str, Any]]:
+    """One synthetic user: enroll, personalize each profile, evaluate; returns (count -> quality, count -> facts of
+    the fine-tuning, the test stream's size)."""
     profiles = enroll_user(workdir, sizes, seed, user_seed)
     voice = make_voice([seed, user_seed])
     test = make_test_stream(voice, sizes["events_per_sound"], [seed, user_seed, 3])
@@ -241,9 +243,8 @@ def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, us
             "thresholds": {name: [row["on_threshold"], row["off_threshold"]]
                            for name, row in report["sounds"].items()},
         }
-    facts["test_stream"] = {"seconds": test.seconds, "events": len(test.events),
-                            "aggressor_clips": len(test.aggressors)}
-    return quality, facts
+    stream = {"seconds": test.seconds, "events": len(test.events), "aggressor_clips": len(test.aggressors)}
+    return quality, facts, stream
 
 
 def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | None = None, progress: bool = True,
@@ -263,9 +264,9 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
     pooled: dict[int, Quality] = {}
     users: dict[str, Any] = {}
     for user_seed in USER_SEEDS[: sizes["users"]]:
-        quality, facts = bench_user(workdir / f"user-{user_seed}", bundle, sizes, seed, user_seed, settings,
+        quality, facts, stream = bench_user(workdir / f"user-{user_seed}", bundle, sizes, seed, user_seed, settings,
                                     progress)
-        users[str(user_seed)] = {"test_stream": facts.pop("test_stream")}
+        users[str(user_seed)] = {"test_stream": stream}
         for count, q in quality.items():
             pooled[count] = pooled[count] + q if count in pooled else q
             users[str(user_seed)][f"{count}_examples"] = {"examples_per_sound": count, **facts[count],
