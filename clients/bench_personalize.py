@@ -316,9 +316,9 @@ def format_table(report: dict[str, Any]) -> str:
         per_sound = ", ".join(f"{name} {v['precision']:.2f}/{v['recall']:.2f}/{latency[name]:.0f}"
                               for name, v in row["per_sound"].items())
         lines.append(f"{'':>8} per sound (precision/recall/latency ms): {per_sound}")
+        key = f"{row['examples_per_sound']}_examples"
         by_user = ", ".join(f"{seed} {user[key]['precision']:.2f}/{user[key]['recall']:.2f}/"
-                            f"{user[key]['false_triggers']}" for seed, user in report["users"].items()
-                            for key in [f"{row['examples_per_sound']}_examples"])
+                            f"{user[key]['false_triggers']}" for seed, user in report["users"].items())
         lines.append(f"{'':>8} per user (precision/recall/false triggers): {by_user}")
     ten = report["results"].get("10_examples")
     if ten is not None:
