@@ -18,6 +18,9 @@
    triggers per hour on the aggressor-only audio, median detection latency (onset event emitted, frontend
    delay included, minus the true onset), fine-tuning time. One user's hour says little about a rate of 0.3
    per hour; four users' hours let one false trigger in.
+5. Operating points (:mod:`clients.tradeoff`): each personal model's probabilities over its user's audio are
+   saved (``user-U/probabilities-N.npz``); for 10 examples the post-processing is rerun over them at other
+   on-thresholds and holds, pooled over the users: a table, and a figure beside the JSON (``NAME-tradeoff.png``).
 
 Targets (issue 8), with 10 examples per sound: precision and recall at least 0.95, at most 0.3 false
 triggers per hour. ``quick`` shrinks every size, takes one user and fine-tunes 200 steps only (smoke test; its
@@ -38,7 +41,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from clients.bundle import export_bundle, load_bundle
+from clients.bundle import Bundle, export_bundle, load_bundle
 from clients.enroll import enroll
 from clients.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
 from clients.mouth_sounds import (
@@ -52,6 +55,14 @@ from clients.mouth_sounds import (
 from clients.personalize import PersonalizeConfig, load_personalize_config, personalize
 from clients.postprocess import EventTracker
 from clients.stream import offline_probabilities
+from clients.tradeoff import (
+    SavedProbabilities,
+    format_tradeoff,
+    load_probabilities,
+    plot_tradeoff,
+    save_probabilities,
+    tradeoff,
+)
 from fl.bench import write_json
 from fl.config import CONFIG_DIR, Config, load_config, to_dict
 
@@ -135,15 +146,12 @@ def enroll_user(workdir: Path, sizes: dict[str, Any], seed: int, user_seed: int)
     return profiles
 
 
-def detect(source: Path, wave: np.ndarray) -> list[tuple[str, float, float]]:
-    """Onset events ``(label, onset_s, emitted_s)`` of a bundle over a waveform (offline = streaming).
+def detect(bundle: Bundle, probs: np.ndarray) -> list[tuple[str, float, float]]:
+    """Onset events ``(label, onset_s, emitted_s)`` of a bundle's post-processing over its probabilities.
 
     ``emitted_s`` is when a streaming detector emits the event: its confirming frame plus the frontend delay.
     """
-    bundle = load_bundle(source)
-    frontend = bundle.frontend()
     config = bundle.frontend_config
-    probs = offline_probabilities(bundle.model, frontend, wave)
     frame_s = config.hop_length / config.sample_rate
     delay_s = (config.n_fft - config.n_fft // 2) / config.sample_rate
     tracker = EventTracker(bundle.labels, bundle.detector, frame_s)
@@ -205,17 +213,27 @@ class Quality:
 
 
 def evaluate_bundle(source: Path, test_wave: np.ndarray, reference: list[tuple[str, float, float]],
-                    aggressor_chunks: list[np.ndarray], rate: int) -> Quality:
-    """Event counts and latencies on the test stream, false triggers on the aggressor-only audio."""
-    detected = detect(source, test_wave)
+                    aggressor_chunks: list[np.ndarray]) -> tuple[Quality, SavedProbabilities]:
+    """Event counts and latencies on the test stream, false triggers on the aggressor-only audio; and the
+    probabilities they came from (offline = streaming)."""
+    bundle = load_bundle(source)
+    frontend = bundle.frontend()
+    test = offline_probabilities(bundle.model, frontend, test_wave)
+    detected = detect(bundle, test)
     counts = event_counts(reference, detected, COLLAR_S, list(SOUNDS))
     triggers: dict[str, int] = {}
-    seconds = 0.0
+    aggressor = []
     for chunk in aggressor_chunks:
-        for label, *_ in detect(source, chunk):
+        aggressor.append(offline_probabilities(bundle.model, frontend, chunk))
+        for label, *_ in detect(bundle, aggressor[-1]):
             triggers[label] = triggers.get(label, 0) + 1
-        seconds += len(chunk) / rate
-    return Quality({name: counts[name] for name in SOUNDS}, _latencies(reference, detected), triggers, seconds)
+    config = bundle.frontend_config
+    frame_s = config.hop_length / config.sample_rate
+    saved = SavedProbabilities(bundle.labels, bundle.detector, frame_s, test,
+                               [(label, onset) for label, onset, _ in reference], aggressor)
+    quality = Quality({name: counts[name] for name in SOUNDS}, _latencies(reference, detected), triggers,
+                      saved.aggressor_seconds)
+    return quality, saved
 
 
 def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, user_seed: int,
@@ -234,7 +252,8 @@ def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, us
     quality, facts = {}, {}
     for count, profile in profiles.items():
         report = personalize(profile, bundle, Config(seed=seed), progress=progress, settings=settings)
-        quality[count] = evaluate_bundle(profile, test.wave, test.events, chunks, test.sample_rate)
+        quality[count], saved = evaluate_bundle(profile, test.wave, test.events, chunks)
+        save_probabilities(workdir / f"probabilities-{count}.npz", saved)
         facts[count] = {
             "fine_tune_seconds": report["train_seconds"],
             "personalize_seconds": report["seconds"],
@@ -289,8 +308,18 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
         "results": results,
         "targets": TARGETS,
     }
+    out_json = Path(out_json) if out_json is not None else workdir / "personalize.json"
+    count = max(EXAMPLES)
+    runs = [load_probabilities(workdir / f"user-{user_seed}" / f"probabilities-{count}.npz")
+            for user_seed in USER_SEEDS[: sizes["users"]]]
+    report["tradeoff"] = {"examples_per_sound": count, "sounds": tradeoff(runs)}
+    plot = plot_tradeoff(report["tradeoff"]["sounds"], out_json.with_name(out_json.stem + "-tradeoff.png"),
+                         f"fedsound bench personalize: {len(runs)} users, {count} examples per sound, "
+                         f"{sum(r.aggressor_seconds for r in runs) / 3600:.1f} h of aggressors")
     print(format_table(report))
-    write_json(Path(out_json) if out_json is not None else workdir / "personalize.json", report)
+    print(format_tradeoff(report["tradeoff"]["sounds"]))
+    print(f"figure: {plot}")
+    write_json(out_json, report)
     return report
 
 

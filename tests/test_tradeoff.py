@@ -1,0 +1,100 @@
+"""Operating points from saved probabilities: the fast rerun equals the tracker's, pooling, save/load, figure."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from clients.postprocess import EventTracker
+from clients.tradeoff import (
+    EXTRA_HOLD_MS,
+    ON_THRESHOLDS,
+    SavedProbabilities,
+    _onsets,
+    format_tradeoff,
+    load_probabilities,
+    operating_point,
+    plot_tradeoff,
+    save_probabilities,
+    tradeoff,
+)
+from fl.config import DetectorConfig
+
+FRAME_S = 0.01
+LABELS = ["pop", "hum"]
+
+
+def _detector(**overrides) -> DetectorConfig:
+    settings = {"class_thresholds": {"pop": [0.6, 0.48], "hum": [0.5, 0.4]},
+                "class_min_duration_ms": {"pop": 100.0, "hum": 200.0}, "onset_at_rise": True,
+                "refractory_ms": 300.0, **overrides}
+    return DetectorConfig(**settings)
+
+
+def _bursts(n: int, bursts: list[tuple[int, int, float]], floor: float = 0.05) -> np.ndarray:
+    """A probability track at ``floor`` with rectangular bursts (start frame, length, height)."""
+    p = np.full(n, floor, dtype=np.float32)
+    for start, length, height in bursts:
+        p[start : start + length] = height
+    return p
+
+
+@pytest.mark.parametrize("onset_at_rise", [True, False])
+def test_fast_rerun_finds_the_same_onsets_as_one_pass_of_the_tracker(onset_at_rise):
+    rng = np.random.default_rng(0)
+    p = np.clip(rng.normal(0.1, 0.1, 6000), 0, 1).astype(np.float32)
+    for start in rng.integers(0, 5900, 40):  # bursts of varied height and length, some close together
+        p[start : start + rng.integers(3, 60)] = rng.uniform(0.3, 1.0)
+    base = _detector(onset_at_rise=onset_at_rise)
+    for on, hold in [(0.5, 100.0), (0.7, 150.0), (0.3, 30.0)]:
+        settings = dataclasses.replace(base, class_thresholds={"pop": [on, on * 0.8]},
+                                       class_min_duration_ms={"pop": hold})
+        tracker = EventTracker(["pop"], settings, FRAME_S)
+        expected = [e.onset_s for e in tracker.update(p[:, None], 0.0) if e.type == "onset"]
+        assert len(expected) > 5
+        assert _onsets(p, "pop", on, on * 0.8, hold, base, FRAME_S) == pytest.approx(expected)
+
+
+def _run(test_bursts: list[tuple[int, int, float]], aggressor_bursts: list[tuple[int, int, float]]
+         ) -> SavedProbabilities:
+    test = np.stack([_bursts(1000, test_bursts), _bursts(1000, [])], axis=1)
+    aggressor = np.stack([_bursts(3600 * 50, aggressor_bursts), _bursts(3600 * 50, [])], axis=1)
+    reference = [("pop", start * FRAME_S) for start, _, _ in test_bursts]
+    return SavedProbabilities(LABELS, _detector(), FRAME_S, test, reference, [aggressor[:100000], aggressor[100000:]])
+
+
+def test_operating_points_pool_counts_and_hours_over_users():
+    # user A: two pops of 120 ms (one found only at low thresholds), one false trigger of 0.65 lasting 120 ms
+    a = _run([(100, 12, 0.93), (500, 12, 0.55)], [(5000, 12, 0.65)])
+    # user B: one pop found, a long false trigger of 0.95 that no threshold removes
+    b = _run([(300, 30, 0.97)], [(150000, 40, 0.95)])
+    picked = operating_point([a, b], "pop", None, 0.0)  # pop picked on 0.6: misses A's 0.55 pop
+    assert (picked.counts.tp, picked.counts.fn, picked.false_triggers) == (2, 1, 2)
+    assert picked.hours == pytest.approx(1.0)  # two half hours
+    low = operating_point([a, b], "pop", 0.5, 0.0)
+    assert (low.counts.tp, low.counts.fn, low.false_triggers) == (3, 0, 2)
+    high = operating_point([a, b], "pop", 0.9, 0.0)
+    assert (high.counts.tp, high.counts.fn, high.false_triggers) == (2, 1, 1)
+    longer = operating_point([a, b], "pop", 0.5, 50.0)  # hold 150 ms: A's 120 ms pops and trigger are dropped
+    assert (longer.counts.tp, longer.false_triggers) == (1, 1)
+    assert longer.to_dict()["false_triggers_per_hour"] == pytest.approx(1.0)
+
+
+def test_saved_probabilities_round_trip_and_the_table_and_figure(tmp_path):
+    run = _run([(100, 20, 0.9)], [(5000, 12, 0.65), (120000, 30, 0.8)])
+    path = save_probabilities(tmp_path / "probabilities-10.npz", run)
+    back = load_probabilities(path)
+    assert back.labels == LABELS and back.detector == run.detector and back.frame_s == FRAME_S
+    assert back.reference == run.reference
+    assert [len(c) for c in back.aggressor] == [len(c) for c in run.aggressor]
+    np.testing.assert_array_equal(back.test, run.test)
+    table = tradeoff([back])
+    assert set(table) == set(LABELS)
+    assert list(table["pop"]) == [f"+{extra:g}ms" for extra in EXTRA_HOLD_MS]
+    assert set(table["pop"]["+0ms"]) == {"picked", *(f"{on:g}" for on in ON_THRESHOLDS)}
+    assert table["pop"]["+0ms"]["0.7"]["false_triggers"] == 1 and table["pop"]["+0ms"]["0.5"]["false_triggers"] == 2
+    assert "pop" in format_tradeoff(table)
+    png = plot_tradeoff(table, tmp_path / "tradeoff.png", "test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
