@@ -221,10 +221,12 @@ class PersonalizeConfig:
     aggressor_gain_db: tuple[float, ...] = (-6.0, 20.0)  # random gain of each aggressor piece: rooms get louder
     mix_probability: float = 0.5
     mix_gain_db: tuple[float, ...] = (-20.0, 0.0)  # gain of the background mixed under a sound piece
+    aggressor_overlay_probability: float = 1.0  # an aggressor piece gets a second one mixed over it
     bundle_share: float = 0.5  # share of aggressor frames taken from the bundle's patches (rest: the user's)
     min_examples: int = 5  # enrollment examples needed per sound
     holdout_fraction: float = 0.3
     off_ratio: float = 0.8
+    threshold_tolerance: float = 0.1  # the highest on-threshold whose held-out F1 is this close to the best
     min_duration_ms: float = 150.0  # a sound must hold this long: speech's nasals and fricatives do not
     # a sustained sound must hold this share of its short enrolled examples (their 20th percentile) ...
     min_duration_fraction: float = 1.0
@@ -246,11 +248,13 @@ class PersonalizeConfig:
              "aggressor-gain-db", "must be [low, high] with low <= high"),
             (0 <= self.mix_probability <= 1, "mix-probability", "must be in [0, 1]"),
             (0 <= self.bundle_share <= 1, "bundle-share", "must be in [0, 1]"),
+            (0 <= self.aggressor_overlay_probability <= 1, "aggressor-overlay-probability", "must be in [0, 1]"),
             (len(self.mix_gain_db) == 2 and self.mix_gain_db[0] <= self.mix_gain_db[1], "mix-gain-db",
              "must be [low, high] with low <= high"),
             (self.min_examples >= 2, "min-examples", "must be at least 2 (one to train, one held out)"),
             (0 < self.holdout_fraction < 1, "holdout-fraction", "must be in (0, 1)"),
             (0 < self.off_ratio <= 1, "off-ratio", "must be in (0, 1]"),
+            (0 <= self.threshold_tolerance < 1, "threshold-tolerance", "must be in [0, 1)"),
             (self.min_duration_ms >= 0, "min-duration-ms", "must be non-negative"),
             (0 <= self.min_duration_fraction <= 1, "min-duration-fraction", "must be in [0, 1]"),
             (self.max_min_duration_ms >= self.min_duration_ms, "max-min-duration-ms",

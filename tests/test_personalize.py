@@ -16,11 +16,13 @@ from clients.enroll import enroll
 from clients.listen import listen
 from clients.mouth_sounds import background_take, enrollment_take, make_aggressor_stream, make_test_stream, make_voice
 from clients.personalize import (
+    PersonalData,
     PersonalizeConfig,
     PersonalizeError,
     fine_tune,
     label_take,
     load_personalize_config,
+    make_batch,
     min_durations,
     new_head_model,
     personalize,
@@ -163,6 +165,26 @@ def test_label_take_inflates_offsets_and_masks_pre_onset():
     assert np.flatnonzero(~take.mask).tolist() == [6, 7, 8, 9, 36, 37, 38, 39]
 
 
+def test_aggressor_overlay_mixes_a_second_piece_over_each_aggressor_piece():
+    n_mels = 4
+    take = label_take(np.full((60, n_mels), 5.0, np.float32), [[0.2, 0.3]], sound=0, frame_s=0.01, inflate=3)
+    data = PersonalData(["pop"], [take], [], [np.zeros((500, n_mels), np.float32)],
+                        [np.full((101, n_mels), -2.0, np.float32)] * 3, [], 0.01, 3)
+    plain = dataclasses.replace(SMALL, gain_db=0.0, mix_probability=0.0, aggressor_gain_db=(0.0, 0.0))
+
+    def aggressor_values(overlay: float) -> np.ndarray:
+        x, _, _ = make_batch(np.random.default_rng(0), data, dataclasses.replace(
+            plain, aggressor_overlay_probability=overlay))
+        values = x.numpy()[..., 0].ravel()
+        return values[values != 5.0]  # the sound take's frames are all 5.0
+
+    assert set(np.unique(aggressor_values(0.0))) == {-2.0, 0.0}  # user (0) and bundle (-2) material as it is
+    overlaid = aggressor_values(1.0)
+    assert len(overlaid) and not np.isin(overlaid, [-2.0, 0.0]).any()  # log(e^a + e^b) exceeds a and b
+    with pytest.raises(ValueError, match="aggressor-overlay-probability"):
+        PersonalizeConfig(aggressor_overlay_probability=1.5)
+
+
 def test_sustained_sounds_hold_a_share_of_their_enrolled_length_and_transients_the_floor():
     settings = PersonalizeConfig(min_duration_ms=150, min_duration_fraction=0.75, max_min_duration_ms=300)
     lengths = {"click": [0.04] * 10, "hum": [0.25, 0.28, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.0],
@@ -225,3 +247,12 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool(tmp_path, capsys
         assert 0.0 <= own["untuned_held_out_f1"] <= 1.0 and own["fine_tune_seconds"] > 0
     table = capsys.readouterr().out
     assert f"per user (precision/recall/false triggers): {seed} " in table and "targets (10 examples)" in table
+    # the operating points rerun the post-processing over saved probabilities: at the picked settings they
+    # reproduce the bench's own figures
+    ten = user["10_examples"]
+    for label, holds in report["tradeoff"]["sounds"].items():
+        picked = holds["+0ms"]["picked"]
+        assert picked["recall"] == ten["per_sound"][label]["recall"]
+        assert picked["precision"] == ten["per_sound"][label]["precision"]
+        assert picked["false_triggers"] == ten["false_triggers_by_sound"].get(label, 0)
+    assert (tmp_path / "personalize-tradeoff.png").stat().st_size > 0 and "operating points" in table
