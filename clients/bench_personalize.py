@@ -152,7 +152,7 @@ def detect(bundle: Bundle, probs: np.ndarray) -> list[tuple[str, float, float]]:
     ``emitted_s`` is when a streaming detector emits the event: its confirming frame plus the frontend delay.
     """
     config = bundle.frontend_config
-    frame_s = config.hop_length / config.sample_rate
+    frame_s = config.frame_s
     delay_s = (config.n_fft - config.n_fft // 2) / config.sample_rate
     tracker = EventTracker(bundle.labels, bundle.detector, frame_s)
     events = []
@@ -227,9 +227,7 @@ def evaluate_bundle(source: Path, test_wave: np.ndarray, reference: list[tuple[s
         aggressor.append(offline_probabilities(bundle.model, frontend, chunk))
         for label, *_ in detect(bundle, aggressor[-1]):
             triggers[label] = triggers.get(label, 0) + 1
-    config = bundle.frontend_config
-    frame_s = config.hop_length / config.sample_rate
-    saved = SavedProbabilities(bundle.labels, bundle.detector, frame_s, test,
+    saved = SavedProbabilities(bundle.labels, bundle.detector, bundle.frontend_config.frame_s, test,
                                [(label, onset) for label, onset, _ in reference], aggressor)
     quality = Quality({name: counts[name] for name in SOUNDS}, _latencies(reference, detected), triggers,
                       saved.aggressor_seconds)

@@ -162,7 +162,7 @@ def write_bundle(
     if path.exists() and not (path / MANIFEST).is_file() and (path.is_file() or any(path.iterdir())):
         raise BundleError(f"{path}: exists and is not a detector bundle; refusing to overwrite it")
     class_thresholds(labels, detector)  # per-class settings must name known labels
-    frame_s = frontend.hop_length / frontend.sample_rate
+    frame_s = frontend.frame_s
     confirm_frames = int(class_confirm_frames(labels, detector, frame_s).max())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

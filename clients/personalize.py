@@ -150,7 +150,7 @@ def prepare_data(profile: Profile, bundle: Bundle, settings: PersonalizeConfig, 
     """Frames and targets of the profile's takes (split into train and held-out) and of the aggressors."""
     sounds = check_examples(profile, settings.min_examples)
     frontend = bundle.frontend()
-    frame_s = bundle.frontend_config.hop_length / bundle.frontend_config.sample_rate
+    frame_s = bundle.frontend_config.frame_s
     inflate = bundle.receptive_field // 2 if settings.inflate_frames < 0 else settings.inflate_frames
     rng = np.random.default_rng([seed, 1])
     train, held_out, counts, segment_s = [], [], {}, {}

@@ -194,7 +194,7 @@ class StreamingDetector:
             raise ValueError(f"{len(labels)} labels for a model with {model.n_classes} classes")
         self.engine = StreamEngine(model, frontend)
         self.sample_rate = frontend.config.sample_rate
-        self.tracker = EventTracker(labels, settings, frontend.config.hop_length / self.sample_rate)
+        self.tracker = EventTracker(labels, settings, frontend.config.frame_s)
 
     @property
     def audio_seconds(self) -> float:

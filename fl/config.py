@@ -65,6 +65,11 @@ class FrontendConfig:
                "must be 'float32' with scale = 'linear' (mel power overflows float16)")
 
     @property
+    def frame_s(self) -> float:
+        """Seconds between frames (the hop)."""
+        return self.hop_length / self.sample_rate
+
+    @property
     def frames_per_second(self) -> float:
         """Frame rate of the log-mel output."""
         return self.sample_rate / self.hop_length
