@@ -6,10 +6,10 @@
    feature store with the Lea et al. frontend (``configs/features/lea16k.toml``: 16 kHz, 64 bands, 10 ms
    hop; ``data prep``), a TCN trained centrally on it (``train``, standing in for the federated run) and
    exported with background patches of those voices (``export --exclude-labels`` the five sounds).
-2. Synthetic users (``USER_SEEDS``, four; their voices are not among the 80): each enrolls 10 takes of each of
-   the five mouth sounds and three minutes of background (six 30 s takes of their room with its noises,
-   sometimes a television, and their own speech) through :func:`clients.enroll.enroll` from WAV files; a
-   second profile holds the first 5 takes of each sound and the same background.
+2. Synthetic users (``USER_SEEDS``, four, or those of ``--users``; their voices are not among the 80): each
+   enrolls 10 takes of each of the five mouth sounds and three minutes of background (six 30 s takes of their
+   room with its noises, sometimes a television, and their own speech) through :func:`clients.enroll.enroll` from
+   WAV files; a second profile holds the first 5 takes of each sound and the same background.
 3. :func:`clients.personalize.personalize` fine-tunes each profile (timed).
 4. Each personal bundle runs (frontend, TCN, the streaming post-processing) over its user's held-out test
    stream (mouth sounds at known onsets between speech-like and noise aggressors) and over an hour of that
@@ -32,6 +32,7 @@ from __future__ import annotations
 import platform
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ from clients.tradeoff import (
 )
 from fl.bench import write_json
 from fl.config import CONFIG_DIR, Config, load_config, to_dict
+from fl.errors import ConfigError
 
 TARGETS = {"precision": 0.95, "recall": 0.95, "false_triggers_per_hour": 0.3}
 EXAMPLES = (10, 5)
@@ -79,7 +81,7 @@ def _sizes(quick: bool) -> dict[str, Any]:
         return {"voices": 10, "takes_per_sound": 1, "background_clips": 1, "epochs": 1, "events_per_sound": 6,
                 "aggressor_s": 120.0, "background_takes": 2, "steps": 200, "users": 1}
     return {"voices": 80, "takes_per_sound": 2, "background_clips": 4, "epochs": 10, "events_per_sound": 40,
-            "aggressor_s": 3600.0, "background_takes": 6, "steps": None, "users": len(USER_SEEDS)}
+            "aggressor_s": 3600.0, "background_takes": 6, "steps": None, "users": None}
 
 
 def global_bundle(workdir: Path, quick: bool, seed: int, progress: bool) -> tuple[Path, str]:
@@ -265,12 +267,17 @@ def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, us
 
 
 def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | None = None, progress: bool = True,
-                          seed: int = 0, settings: PersonalizeConfig | None = None) -> dict[str, Any]:
+                          seed: int = 0, settings: PersonalizeConfig | None = None,
+                          user_seeds: Sequence[int] | None = None) -> dict[str, Any]:
     """Run the benchmark (module docstring); print a table and write JSON (``out_json`` or
-    ``WORKDIR/personalize.json``)."""
+    ``WORKDIR/personalize.json``). ``user_seeds``: other synthetic users than ``USER_SEEDS`` (a check of
+    settings on users they were not chosen on); ``quick`` takes the first only."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     sizes = _sizes(quick)
+    user_seeds = list(USER_SEEDS if user_seeds is None else user_seeds)[: sizes["users"]]
+    if not user_seeds or len(set(user_seeds)) != len(user_seeds):
+        raise ConfigError(f"users: need one or more distinct user seeds, got {user_seeds}")
     settings = settings or load_personalize_config()
     if sizes["steps"] is not None:
         settings = replace(settings, steps=min(settings.steps, sizes["steps"]))
@@ -280,7 +287,7 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
 
     pooled: dict[int, Quality] = {}
     users: dict[str, Any] = {}
-    for user_seed in USER_SEEDS[: sizes["users"]]:
+    for user_seed in user_seeds:
         quality, facts, stream = bench_user(workdir / f"user-{user_seed}", bundle, sizes, seed, user_seed, settings,
                                     progress)
         users[str(user_seed)] = {"test_stream": stream}
@@ -309,7 +316,7 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
     out_json = Path(out_json) if out_json is not None else workdir / "personalize.json"
     count = max(EXAMPLES)
     runs = [load_probabilities(workdir / f"user-{user_seed}" / f"probabilities-{count}.npz")
-            for user_seed in USER_SEEDS[: sizes["users"]]]
+            for user_seed in user_seeds]
     report["tradeoff"] = {"examples_per_sound": count, "sounds": tradeoff(runs)}
     plot = plot_tradeoff(report["tradeoff"]["sounds"], out_json.with_name(out_json.stem + "-tradeoff.png"),
                          f"fedsound bench personalize: {len(runs)} users, {count} examples per sound, "

@@ -9,7 +9,7 @@ from pathlib import Path
 from fl.errors import ConfigError
 
 # stage -> (module, function); every function takes (workdir, quick, out_json, progress) and returns a dict of
-# figures; run_personalize_bench also takes settings (from --config).
+# figures; run_personalize_bench also takes settings (from --config) and user_seeds (from --users).
 BENCHES = {
     "prep": ("fl.bench_prep", "run_prep_bench"),
     "train": ("fl.bench_train", "run_train_bench"),
@@ -21,12 +21,17 @@ BENCHES = {
 
 
 def run_bench(what: str, workdir: Path, quick: bool = False, out: Path | None = None, config: Path | None = None,
-              progress: bool = True) -> int:
+              progress: bool = True, users: list[int] | None = None) -> int:
     """Run one benchmark into ``workdir/bench/WHAT``. ``config``: a TOML file whose ``[personalize]`` table
-    bench personalize fine-tunes with; the other benchmarks have fixed settings and refuse one. ``progress``:
-    progress bars on the long steps."""
+    bench personalize fine-tunes with; ``users``: the synthetic users' seeds bench personalize runs (default
+    its own four); the other benchmarks have fixed settings and refuse both. ``progress``: progress bars on
+    the long steps."""
     module_name, function = BENCHES[what]
     options = {}
+    if users is not None:
+        if what != "personalize":
+            raise ConfigError(f"--users: bench {what} has no synthetic users; only bench personalize takes them")
+        options["user_seeds"] = users
     if config is not None:
         if what != "personalize":
             raise ConfigError(f"--config: bench {what} has fixed settings; only bench personalize reads a config "

@@ -26,6 +26,17 @@ def _progress(args: argparse.Namespace) -> bool:
     return args.verbosity >= 0
 
 
+def _user_seeds(text: str) -> list[int]:
+    """``--users 11,12``: distinct non-negative integers."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers, got {text!r}")
+    return seeds
+
+
 # --- data -------------------------------------------------------------------------------------------------
 
 
@@ -181,7 +192,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fl.bench import run_bench
 
     return run_bench(args.what, Path(args.workdir), quick=args.quick, out=Path(args.out) if args.out else None,
-                     config=args.config, progress=_progress(args))
+                     config=args.config, progress=_progress(args), users=args.users)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -310,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["prep", "train", "sim", "sweep", "stream", "personalize"])
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     p.add_argument("--out", default=None, help="JSON file for the figures")
+    p.add_argument("--users", type=_user_seeds, default=None, metavar="SEED,SEED,...",
+                   help="bench personalize: the synthetic users to run (default 7,8,9,10, the benchmark's own)")
     return parser
 
 

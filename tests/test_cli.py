@@ -76,3 +76,14 @@ def test_bench_personalize_reads_the_config_and_other_benches_refuse_one(tmp_pat
     assert code == 1
     assert "--config: bench sim has fixed settings" in err
     assert not (tmp_path / "bench" / "sim").exists()
+
+
+def test_bench_users_are_distinct_integers_and_only_bench_personalize_takes_them(tmp_path, capsys) -> None:
+    for bad in ("11,x", "11,11", "-3"):
+        with pytest.raises(SystemExit):
+            main(["bench", "personalize", "--users", bad, "--workdir", str(tmp_path), "-q"])
+        assert "--users: expected" in capsys.readouterr().err
+    code = main(["bench", "prep", "--users", "11", "--workdir", str(tmp_path), "-q"])
+    assert code == 1
+    assert "--users: bench prep has no synthetic users" in capsys.readouterr().err
+    assert not (tmp_path / "bench" / "prep").exists()

@@ -236,7 +236,8 @@ def test_bench_pools_users_by_summing_counts_and_hours():
 def test_personalize_bench_quick_reports_each_user_and_the_pool(tmp_path, capsys):
     from clients.bench_personalize import run_personalize_bench
 
-    report = run_personalize_bench(tmp_path, quick=True, progress=False)
+    report = run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12))
+    assert list(report["users"]) == ["11"]  # quick runs the first user only
     written = json.loads((tmp_path / "personalize.json").read_text())["results"]
     assert {k: v["per_sound"] for k, v in written.items()} == {k: v["per_sound"] for k, v in report["results"].items()}
     (seed, user), = report["users"].items()
