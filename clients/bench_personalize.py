@@ -153,9 +153,7 @@ def detect(bundle: Bundle, probs: np.ndarray) -> list[tuple[str, float, float]]:
 
     ``emitted_s`` is when a streaming detector emits the event: its confirming frame plus the frontend delay.
     """
-    config = bundle.frontend_config
-    frame_s = config.frame_s
-    delay_s = (config.n_fft - config.n_fft // 2) / config.sample_rate
+    frame_s, delay_s = bundle.frontend_config.frame_s, bundle.frontend_config.delay_s
     tracker = EventTracker(bundle.labels, bundle.detector, frame_s)
     events = []
     for t, row in enumerate(probs):

@@ -179,7 +179,7 @@ def write_bundle(
             background_info = {"patches": int(len(patches)), "patch_frames": int(patches.shape[1]),
                                "dtype": "float16"}
         frame_ms = 1000.0 * frame_s
-        frontend_delay_ms = 1000.0 * (frontend.n_fft - frontend.n_fft // 2) / frontend.sample_rate
+        frontend_delay_ms = 1000.0 * frontend.delay_s
         postprocess_ms = (confirm_frames - 1) * frame_ms  # the slowest class
         files = sorted(p.name for p in tmp.iterdir())
         manifest: dict[str, Any] = {

@@ -20,7 +20,7 @@ from fl.federation import CONFIG_KEY, open_store
 from fl.models import build_model
 from fl.partition import PartitionPlan
 from fl.runtime import pick_device
-from fl.train import evaluate, train_epochs
+from fl.train import train_epochs
 
 app = ClientApp()
 
@@ -62,15 +62,3 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}),
                    reply_to=msg)
 
-
-@app.evaluate()
-def evaluate_local(msg: Message, context: Context) -> Message:
-    """Clip-level mAP of the global model on this uploader's own validation clips (none -> 0 examples)."""
-    config, model, partition, _, store = _setup(msg, context)
-    plan = PartitionPlan.load(str(msg.content["config"]["plan"]))
-    held_out = store.uploader_clips("val", [plan.names[partition]]) if plan.method == "uploader" else []
-    metrics = {"num-examples": len(held_out), "partition-id": partition}
-    if len(held_out):
-        result = evaluate(model, store, "val", pick_device(config.train.device), clip_indices=held_out)
-        metrics["mAP"] = float(np.nan_to_num(result["mAP"]))
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -67,8 +67,8 @@ class StreamingFrontend:
 
     @property
     def delay_samples(self) -> int:
-        """Samples between the one a frame is centred on and the last one it needs: ``n_fft - n_fft // 2``."""
-        return self.n_fft - self.pad
+        """Samples between the one a frame is centred on and the last one it needs (the frontend delay)."""
+        return self.frontend.config.delay_samples
 
     @property
     def n_samples(self) -> int:
@@ -203,7 +203,7 @@ class StreamingDetector:
 
     @property
     def frontend_delay_ms(self) -> float:
-        """Frontend delay: ``n_fft - n_fft // 2`` samples."""
+        """Frontend delay (:attr:`fl.config.FrontendConfig.delay_samples`)."""
         return self.engine.frontend.delay_samples / self.sample_rate * 1000.0
 
     @property

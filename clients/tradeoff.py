@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 from clients.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
 from clients.postprocess import EventTracker
 from fl.config import Config, DetectorConfig, apply, to_dict
+from fl.errors import DataError, FedsoundError
 
 ON_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 EXTRA_HOLD_MS = (0.0, 50.0, 100.0)  # added to each user's picked hold
@@ -63,13 +65,18 @@ def save_probabilities(path: Path, saved: SavedProbabilities) -> Path:
 
 
 def load_probabilities(path: Path) -> SavedProbabilities:
-    """Read a file written by :func:`save_probabilities`."""
-    with np.load(Path(path)) as data:
-        detector = apply(Config(), {"detector": json.loads(str(data["detector"]))}, str(path)).detector
-        aggressor = np.split(data["aggressor"], data["aggressor_ends"][:-1])
-        reference = list(zip(data["reference_labels"].tolist(), data["reference_onsets"].tolist(), strict=True))
-        return SavedProbabilities(data["labels"].tolist(), detector, float(data["frame_s"]),
-                                  data["test"], reference, aggressor)
+    """Read a file written by :func:`save_probabilities`; a DataError naming it if it is damaged."""
+    try:
+        with np.load(Path(path)) as data:
+            detector = apply(Config(), {"detector": json.loads(str(data["detector"]))}, str(path)).detector
+            aggressor = np.split(data["aggressor"], data["aggressor_ends"][:-1])
+            reference = list(zip(data["reference_labels"].tolist(), data["reference_onsets"].tolist(), strict=True))
+            return SavedProbabilities(data["labels"].tolist(), detector, float(data["frame_s"]),
+                                      data["test"], reference, aggressor)
+    except FedsoundError:
+        raise
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable probabilities file ({type(exc).__name__}: {exc})") from exc
 
 
 def _onsets(p: np.ndarray, label: str, on: float, off: float, hold_ms: float, base: DetectorConfig,

@@ -111,11 +111,12 @@ def load_audio(path: Path) -> tuple[np.ndarray, int, list[str]]:
 
 
 def _check_length(n_samples: int, rate: int, config: FrontendConfig) -> None:
-    """Raise ClipError for a clip too short for the centred STFT, which reflects ``n_fft // 2`` samples."""
+    """Raise ClipError for a clip too short for the centred STFT (:attr:`FrontendConfig.min_samples`), before
+    it is resampled and framed."""
     resampled = math.ceil(n_samples * config.sample_rate / rate)  # torchaudio's Resample output length
-    if resampled <= config.n_fft // 2:
+    if resampled < config.min_samples:
         raise ClipError(f"too short: {n_samples} samples ({1000 * n_samples / rate:.1f} ms); the frontend needs "
-                        f"more than {config.n_fft // 2} samples at {config.sample_rate} Hz")
+                        f"at least {config.min_samples} samples at {config.sample_rate} Hz")
 
 
 def _process_chunk(args: tuple[FrontendConfig, list[dict], str]) -> tuple[int, float]:

@@ -70,6 +70,23 @@ class FrontendConfig:
         return self.hop_length / self.sample_rate
 
     @property
+    def delay_samples(self) -> int:
+        """Samples from the one a frame is centred on to the last one it needs (the centred STFT's
+        lookahead): ``n_fft - n_fft // 2``."""
+        return self.n_fft - self.n_fft // 2
+
+    @property
+    def min_samples(self) -> int:
+        """The shortest waveform (at ``sample_rate``) the centred STFT takes: it reflects ``n_fft // 2`` samples
+        at each end, which needs more than that many."""
+        return self.n_fft // 2 + 1
+
+    @property
+    def delay_s(self) -> float:
+        """The frontend delay in seconds (:attr:`delay_samples`)."""
+        return self.delay_samples / self.sample_rate
+
+    @property
     def frames_per_second(self) -> float:
         """Frame rate of the log-mel output."""
         return self.sample_rate / self.hop_length

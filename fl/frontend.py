@@ -117,10 +117,10 @@ class Frontend:
         if wave.ndim != 1:
             raise ValueError(f"expected a mono waveform, got shape {wave.shape}")
         signal = self.resample(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), sample_rate)
-        pad = self.config.n_fft // 2
-        if signal.shape[0] <= pad:
+        if signal.shape[0] < self.config.min_samples:
             raise ValueError(f"a waveform of {signal.shape[0]} samples at {self.config.sample_rate} Hz is too "
-                             f"short: the centred STFT needs more than {pad}")
+                             f"short: the centred STFT needs at least {self.config.min_samples}")
+        pad = self.config.n_fft // 2
         padded = torch.nn.functional.pad(signal[None], (pad, pad), mode="reflect")[0]
         return self.segment_frames(padded.unfold(0, self.config.n_fft, self.config.hop_length)).numpy()
 

@@ -152,3 +152,16 @@ def test_decimating_resampler_refuses_a_ratio_that_is_not_whole():
 def test_too_short_waveform_is_refused_with_its_length():
     with pytest.raises(ValueError, match="300 samples at 22050 Hz is too short"):
         Frontend(CONFIG).frames(np.zeros(300, np.float32), 22050)
+
+
+def test_the_shortest_waveform_is_min_samples_for_the_frontend_and_for_prep():
+    from data_prep.prep import ClipError, _check_length
+
+    n = CONFIG.min_samples
+    assert Frontend(CONFIG).frames(np.ones(n, np.float32), CONFIG.sample_rate).shape == (1 + n // CONFIG.hop_length,
+                                                                                        CONFIG.n_mels)
+    _check_length(n, CONFIG.sample_rate, CONFIG)
+    with pytest.raises(ValueError, match=f"needs at least {n}"):
+        Frontend(CONFIG).frames(np.ones(n - 1, np.float32), CONFIG.sample_rate)
+    with pytest.raises(ClipError, match=f"needs at least {n} samples"):
+        _check_length(n - 1, CONFIG.sample_rate, CONFIG)

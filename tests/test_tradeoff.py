@@ -21,6 +21,7 @@ from clients.tradeoff import (
     tradeoff,
 )
 from fl.config import DetectorConfig
+from fl.errors import DataError
 
 FRAME_S = 0.01
 LABELS = ["pop", "hum"]
@@ -98,3 +99,11 @@ def test_saved_probabilities_round_trip_and_the_table_and_figure(tmp_path):
     assert "pop" in format_tradeoff(table)
     png = plot_tradeoff(table, tmp_path / "tradeoff.png", "test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_damaged_probabilities_file_is_named_in_one_line(tmp_path):
+    path = save_probabilities(tmp_path / "probabilities-10.npz", _run([(100, 20, 0.9)], [(5000, 12, 0.65)]))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataError, match=f"{path}: not a readable probabilities file") as caught:
+        load_probabilities(path)
+    assert "\n" not in str(caught.value)
