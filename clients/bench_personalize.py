@@ -32,6 +32,7 @@ from __future__ import annotations
 import platform
 import shutil
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,6 +48,7 @@ from clients.enroll import enroll
 from clients.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
 from clients.mouth_sounds import (
     SOUNDS,
+    Stream,
     background_take,
     enrollment_take,
     make_aggressor_stream,
@@ -74,6 +76,10 @@ AGGRESSOR_CHUNK_S = 300.0
 USER_SEEDS = (7, 8, 9, 10)  # the synthetic users, in order; the first was the benchmark's only user before
 BACKGROUND_TAKE_S = 30.0
 BUNDLE_BACKGROUND_PATCHES = 320  # about 4 MB of float16 patches: the most a bundle carries
+# A false trigger belongs to the aggressor clip under its onset, from 50 ms before the clip starts (frame
+# centring) to 300 ms after it ends (the clip still fills most of the receptive field); otherwise to the floor.
+ATTRIBUTION_S = (0.05, 0.3)
+FLOOR = "floor"
 
 
 def _sizes(quick: bool) -> dict[str, Any]:
@@ -175,20 +181,32 @@ def _latencies(reference: list[tuple[str, float, float]], detected: list[tuple[s
     return out
 
 
+def aggressor_under(onset_s: float, clips: list[tuple[str, float, float]]) -> str:
+    """The kind of the aggressor clip ``(kind, start_s, end_s)`` a false trigger at ``onset_s`` belongs to
+    (``ATTRIBUTION_S``): the clip under it, else the last one that ended shortly before it, else ``FLOOR``."""
+    before, after = ATTRIBUTION_S
+    under = [kind for kind, start, end in clips if start - before <= onset_s <= end]
+    if under:
+        return under[0]
+    trailing = [kind for kind, _, end in clips if end < onset_s <= end + after]
+    return trailing[-1] if trailing else FLOOR
+
+
 @dataclass
 class Quality:
     """Raw figures of one user, or of several pooled (``+``): per-sound event counts on the test streams,
-    detection latencies (ms), false triggers on the aggressor-only audio and its length."""
+    detection latencies (ms), false triggers on the aggressor-only audio (sound -> aggressor kind under them
+    -> count) and its length."""
 
     counts: dict[str, EventCounts]
     latencies: dict[str, list[float]]
-    triggers: dict[str, int]
+    triggers: dict[str, dict[str, int]]
     seconds: float
 
     def __add__(self, other: Quality) -> Quality:
         return Quality({name: self.counts[name] + other.counts[name] for name in self.counts},
                        {name: self.latencies[name] + other.latencies[name] for name in self.latencies},
-                       {name: self.triggers.get(name, 0) + other.triggers.get(name, 0)
+                       {name: dict(Counter(self.triggers.get(name, {})) + Counter(other.triggers.get(name, {})))
                         for name in {*self.triggers, *other.triggers}},
                        self.seconds + other.seconds)
 
@@ -196,7 +214,8 @@ class Quality:
         """Precision, recall, F1, latencies, false triggers (per hour and by sound) as plain numbers."""
         overall = sum(self.counts.values(), EventCounts(0, 0, 0))
         every = [ms for values in self.latencies.values() for ms in values]
-        total = sum(self.triggers.values())
+        by_sound = {name: sum(kinds.values()) for name, kinds in sorted(self.triggers.items())}
+        total = sum(by_sound.values())
         return {
             "per_sound": {name: counts.to_dict() for name, counts in self.counts.items()},
             "precision": overall.precision,
@@ -206,27 +225,31 @@ class Quality:
             "median_latency_ms_by_sound": {name: float(np.median(v)) if v else float("nan")
                                            for name, v in self.latencies.items()},
             "false_triggers": total,
-            "false_triggers_by_sound": dict(sorted(self.triggers.items())),
+            "false_triggers_by_sound": by_sound,
+            "false_triggers_by_aggressor": {name: dict(sorted(kinds.items(), key=lambda item: -item[1]))
+                                            for name, kinds in sorted(self.triggers.items())},
             "aggressor_hours": self.seconds / 3600.0,
             "false_triggers_per_hour": false_triggers_per_hour(total, self.seconds),
         }
 
 
 def evaluate_bundle(source: Path, test_wave: np.ndarray, reference: list[tuple[str, float, float]],
-                    aggressor_chunks: list[np.ndarray]) -> tuple[Quality, SavedProbabilities]:
-    """Event counts and latencies on the test stream, false triggers on the aggressor-only audio; and the
-    probabilities they came from (offline = streaming)."""
+                    aggressor_chunks: list[Stream]) -> tuple[Quality, SavedProbabilities]:
+    """Event counts and latencies on the test stream, false triggers on the aggressor-only audio (with the
+    aggressor kind under each); and the probabilities they came from (offline = streaming)."""
     bundle = load_bundle(source)
     frontend = bundle.frontend()
     test = offline_probabilities(bundle.model, frontend, test_wave)
     detected = detect(bundle, test)
     counts = event_counts(reference, detected, COLLAR_S, list(SOUNDS))
-    triggers: dict[str, int] = {}
+    triggers: dict[str, dict[str, int]] = {}
     aggressor = []
     for chunk in aggressor_chunks:
-        aggressor.append(offline_probabilities(bundle.model, frontend, chunk))
-        for label, *_ in detect(bundle, aggressor[-1]):
-            triggers[label] = triggers.get(label, 0) + 1
+        aggressor.append(offline_probabilities(bundle.model, frontend, chunk.wave))
+        for label, onset, _ in detect(bundle, aggressor[-1]):
+            kinds = triggers.setdefault(label, {})
+            kind = aggressor_under(onset, chunk.aggressors)
+            kinds[kind] = kinds.get(kind, 0) + 1
     saved = SavedProbabilities(bundle.labels, bundle.detector, bundle.frontend_config.frame_s, test,
                                [(label, onset) for label, onset, _ in reference], aggressor)
     quality = Quality({name: counts[name] for name in SOUNDS}, _latencies(reference, detected), triggers,
@@ -244,7 +267,7 @@ def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, us
     test = make_test_stream(voice, sizes["events_per_sound"], [seed, user_seed, 3])
     n_chunks = max(1, int(round(sizes["aggressor_s"] / AGGRESSOR_CHUNK_S)))
     chunk_s = sizes["aggressor_s"] / n_chunks
-    chunks = [make_aggressor_stream(voice, chunk_s, [seed, user_seed, 4, i]).wave
+    chunks = [make_aggressor_stream(voice, chunk_s, [seed, user_seed, 4, i])
               for i in tqdm(range(n_chunks), disable=not progress, desc=f"user {user_seed}: aggressor audio",
                             leave=False)]
     quality, facts = {}, {}
@@ -352,6 +375,10 @@ def format_table(report: dict[str, Any]) -> str:
         by_user = ", ".join(f"{seed} {user[key]['precision']:.2f}/{user[key]['recall']:.2f}/"
                             f"{user[key]['false_triggers']}" for seed, user in report["users"].items())
         lines.append(f"{'':>8} per user (precision/recall/false triggers): {by_user}")
+        if row["false_triggers"]:
+            under = "; ".join(f"{name} " + ", ".join(f"{kind} {n}" for kind, n in kinds.items())
+                              for name, kinds in row["false_triggers_by_aggressor"].items())
+            lines.append(f"{'':>8} false triggers by the aggressor under them: {under}")
     ten = report["results"].get("10_examples")
     if ten is not None:
         lines.append(f"targets (10 examples): precision >= 0.95 {_mark(ten['precision'] >= 0.95)}, recall >= 0.95 "

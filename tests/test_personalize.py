@@ -221,16 +221,30 @@ def test_bench_pools_users_by_summing_counts_and_hours():
     from clients.event_metrics import EventCounts
 
     first = Quality({"pop": EventCounts(9, 1, 1), "hum": EventCounts(10, 0, 0)}, {"pop": [100.0], "hum": [400.0]},
-                    {"hum": 2}, 3600.0)
+                    {"hum": {"speech": 2}}, 3600.0)
     second = Quality({"pop": EventCounts(5, 5, 5), "hum": EventCounts(8, 0, 2)}, {"pop": [140.0, 160.0], "hum": []},
-                     {"pop": 1}, 1800.0)
+                     {"pop": {"fan": 1}, "hum": {"speech": 1, "floor": 1}}, 1800.0)
     pooled = (first + second).figures()
     assert pooled["precision"] == pytest.approx(32 / 38) and pooled["recall"] == pytest.approx(32 / 40)
     assert pooled["per_sound"]["pop"]["tp"] == 14 and pooled["per_sound"]["hum"]["fn"] == 2
-    assert pooled["false_triggers"] == 3 and pooled["false_triggers_by_sound"] == {"hum": 2, "pop": 1}
-    assert pooled["false_triggers_per_hour"] == pytest.approx(2.0) and pooled["aggressor_hours"] == 1.5
+    assert pooled["false_triggers"] == 5 and pooled["false_triggers_by_sound"] == {"hum": 4, "pop": 1}
+    assert pooled["false_triggers_by_aggressor"] == {"hum": {"speech": 3, "floor": 1}, "pop": {"fan": 1}}
+    assert pooled["false_triggers_per_hour"] == pytest.approx(5 / 1.5) and pooled["aggressor_hours"] == 1.5
     assert pooled["median_latency_ms"] == 150.0 and pooled["median_latency_ms_by_sound"]["pop"] == 140.0
     assert first.figures()["false_triggers_per_hour"] == 2.0  # pooling made a new Quality
+    assert first.triggers == {"hum": {"speech": 2}}
+
+
+def test_a_false_trigger_belongs_to_the_aggressor_clip_under_it():
+    from clients.bench_personalize import aggressor_under
+
+    clips = [("speech", 1.0, 2.0), ("fan", 2.2, 4.0), ("babble", 6.0, 7.0)]
+    assert aggressor_under(1.5, clips) == "speech"
+    assert aggressor_under(0.96, clips) == "speech"  # frame centring: just before the clip starts
+    assert aggressor_under(2.1, clips) == "speech"  # the clip that just ended
+    assert aggressor_under(2.2, clips) == "fan"  # under a clip beats one that just ended
+    assert aggressor_under(4.25, clips) == "fan"
+    assert aggressor_under(5.0, clips) == "floor" and aggressor_under(0.5, clips) == "floor"
 
 
 def test_personalize_bench_quick_reports_each_user_and_the_pool(tmp_path, capsys):
