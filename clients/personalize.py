@@ -19,7 +19,8 @@ targets come from the enrollment energy labels with the segment boundaries infla
 (``inflate-frames``): the label is extended past the offset, where the sound is still inside the causal
 receptive field, and the frames before the onset, which a causal model cannot tell from silence, are left
 out of the loss. ``adapt`` chooses which weights change: ``head``, ``last-block``
-(the last residual block, the output norm and the head) or ``all``.
+(the last residual block, the output norm and the head) or ``all``; ``head-warmup-steps`` first trains the new
+head alone (LP-FT), so that the body moves less from the global model.
 
 Thresholds: a part of each sound's takes (``holdout-fraction``, at least one) and of the background is held
 out. They are laid out as one validation stream (takes between stretches of background), the fine-tuned
@@ -290,26 +291,25 @@ def _trainable(model: TCN, adapt: str) -> tuple[list[nn.Module], list[nn.Module]
     return [model.blocks[-1], model.out_norm, model.head], body[:-1]
 
 
-def fine_tune(model: TCN, data: PersonalData, settings: PersonalizeConfig, seed: int, progress: bool = False
-              ) -> float:
-    """Train ``model`` in place; returns the mean loss of the last 10% of the steps."""
-    rng = np.random.default_rng([seed, 2])
-    torch.manual_seed(seed)
-    adapted, frozen = _trainable(model, settings.adapt)
+def _train_steps(model: TCN, data: PersonalData, settings: PersonalizeConfig, rng: np.random.Generator, adapt: str,
+                 steps: int, cosine: bool, progress: bool) -> list[float]:
+    """``steps`` Adam steps of the ``adapt`` weights (the rest frozen), with a cosine schedule or a constant
+    learning rate; returns the losses."""
+    adapted, frozen = _trainable(model, adapt)
     for p in model.parameters():
         p.requires_grad_(False)
     params = [p for module in adapted for p in module.parameters()]
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=settings.lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.steps)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine else None
     weight = torch.ones(len(data.sounds) + 1)
     weight[1:] = settings.positive_weight
     losses = []
     model.train()
     for module in frozen:
         module.eval()
-    for _ in tqdm(range(settings.steps), disable=not progress, desc="personalize", leave=False):
+    for _ in tqdm(range(steps), disable=not progress, desc=f"personalize ({adapt})", leave=False):
         x, target, mask = make_batch(rng, data, settings)
         logits = model(x)
         per_frame = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
@@ -318,11 +318,26 @@ def fine_tune(model: TCN, data: PersonalData, settings: PersonalizeConfig, seed:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        schedule.step()
+        if schedule is not None:
+            schedule.step()
         losses.append(loss.item())
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
+    return losses
+
+
+def fine_tune(model: TCN, data: PersonalData, settings: PersonalizeConfig, seed: int, progress: bool = False
+              ) -> float:
+    """Train ``model`` in place: ``head-warmup-steps`` steps of the new head alone at a constant learning rate
+    (LP-FT: a head that already fits moves the pretrained body less, which then keeps more of what it knew
+    about sounds the user never enrolled), then ``steps`` steps of the ``adapt`` weights on a cosine schedule.
+    Returns the mean loss of the last 10% of those steps."""
+    rng = np.random.default_rng([seed, 2])
+    torch.manual_seed(seed)
+    if settings.head_warmup_steps:
+        _train_steps(model, data, settings, rng, "head", settings.head_warmup_steps, False, progress)
+    losses = _train_steps(model, data, settings, rng, settings.adapt, settings.steps, True, progress)
     return float(np.mean(losses[-max(1, len(losses) // 10) :]))
 
 

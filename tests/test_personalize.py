@@ -132,6 +132,20 @@ def test_adapt_modes_change_only_their_layers(offline_run):
     assert "input_proj" in changed["all"] and "blocks.0" in changed["all"]
 
 
+def test_head_warmup_trains_the_head_alone_before_the_adapted_layers(offline_run):
+    base = load_bundle(offline_run["bundle"])
+    data = prepare_data(Profile.load(offline_run["profile"]), base, SMALL, 0)
+    heads = {}
+    for warmup in (0, 3):
+        model = new_head_model(base, len(data.sounds), 0)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        fine_tune(model, data, dataclasses.replace(SMALL, steps=1, adapt="last-block", head_warmup_steps=warmup), 0)
+        after = model.state_dict()
+        assert all(torch.equal(after[k], before[k]) for k in after if k.startswith(("input_", "blocks.0", "blocks.1")))
+        heads[warmup] = after["head.weight"].clone()
+    assert not torch.equal(heads[0], heads[3])
+
+
 def test_exported_model_drops_the_background_output(offline_run):
     base = load_bundle(offline_run["bundle"])
     model = new_head_model(base, 2, 0).eval()
@@ -207,7 +221,8 @@ def test_settings_file(tmp_path):
     for body, message in (("adapt = \"some\"", "personalize.adapt: must be one of"),
                           ("stepz = 3", "personalize.stepz: unknown key"),
                           ("steps = 1.5", "personalize.steps: expected an integer"),
-                          ("lr = true", "personalize.lr: expected a number")):
+                          ("lr = true", "personalize.lr: expected a number"),
+                          ("head-warmup-steps = -1", "personalize.head-warmup-steps: must be non-negative")):
         path.write_text(f"[personalize]\n{body}\n")
         with pytest.raises(ConfigError, match=f"{path}: {message}"):
             load_personalize_config(path)
