@@ -100,7 +100,7 @@ class StreamingFrontend:
         self._n_samples += block.size
         self._buffer = np.concatenate((self._buffer, block))
         if not self._started:
-            if self._n_samples <= self.pad:
+            if self._n_samples < self.frontend.config.min_samples:  # too few to reflect the start
                 return self._empty()
             self._buffer = np.concatenate((self._buffer[self.pad : 0 : -1], self._buffer))
             self._started = True
