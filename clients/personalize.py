@@ -292,9 +292,11 @@ def _trainable(model: TCN, adapt: str) -> tuple[list[nn.Module], list[nn.Module]
 
 
 def _train_steps(model: TCN, data: PersonalData, settings: PersonalizeConfig, rng: np.random.Generator, adapt: str,
-                 steps: int, cosine: bool, progress: bool) -> list[float]:
+                 steps: int, cosine: bool, progress: bool, teacher: TCN | None = None) -> list[float]:
     """``steps`` Adam steps of the ``adapt`` weights (the rest frozen), with a cosine schedule or a constant
-    learning rate; returns the losses."""
+    learning rate; returns the losses. With a ``teacher`` (the frozen global model), ``distill-weight`` times
+    the Learning-without-Forgetting loss is added: the teacher's head on ``model``'s features against the
+    teacher's own outputs."""
     adapted, frozen = _trainable(model, adapt)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -311,10 +313,17 @@ def _train_steps(model: TCN, data: PersonalData, settings: PersonalizeConfig, rn
         module.eval()
     for _ in tqdm(range(steps), disable=not progress, desc=f"personalize ({adapt})", leave=False):
         x, target, mask = make_batch(rng, data, settings)
-        logits = model(x)
-        per_frame = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        frames = mask.sum().clamp(min=1)
+        features = model.features(x)
+        per_frame = nn.functional.binary_cross_entropy_with_logits(model.head(features), target, reduction="none")
         per_frame = per_frame * torch.where(target > 0, weight, 1.0)
-        loss = (per_frame.sum(-1) * mask).sum() / mask.sum().clamp(min=1)
+        loss = (per_frame.sum(-1) * mask).sum() / frames
+        if teacher is not None:
+            with torch.no_grad():
+                kept = torch.sigmoid(teacher(x))
+            forgetting = nn.functional.binary_cross_entropy_with_logits(teacher.head(features), kept,
+                                                                        reduction="none").mean(-1)
+            loss = loss + settings.distill_weight * (forgetting * mask).sum() / frames
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -327,17 +336,24 @@ def _train_steps(model: TCN, data: PersonalData, settings: PersonalizeConfig, rn
     return losses
 
 
-def fine_tune(model: TCN, data: PersonalData, settings: PersonalizeConfig, seed: int, progress: bool = False
-              ) -> float:
+def fine_tune(model: TCN, data: PersonalData, settings: PersonalizeConfig, seed: int, progress: bool = False,
+              teacher: TCN | None = None) -> float:
     """Train ``model`` in place: ``head-warmup-steps`` steps of the new head alone at a constant learning rate
     (LP-FT: a head that already fits moves the pretrained body less, which then keeps more of what it knew
-    about sounds the user never enrolled), then ``steps`` steps of the ``adapt`` weights on a cosine schedule.
-    Returns the mean loss of the last 10% of those steps."""
+    about sounds the user never enrolled), then ``steps`` steps of the ``adapt`` weights on a cosine schedule,
+    with the Learning-without-Forgetting term when ``distill-weight`` > 0 (``teacher``: the global model it
+    starts from, required then). Returns the mean loss of the last 10% of those steps."""
+    if settings.distill_weight > 0 and teacher is None:
+        raise ValueError("distill-weight > 0 needs the global model as teacher")
     rng = np.random.default_rng([seed, 2])
     torch.manual_seed(seed)
     if settings.head_warmup_steps:
         _train_steps(model, data, settings, rng, "head", settings.head_warmup_steps, False, progress)
-    losses = _train_steps(model, data, settings, rng, settings.adapt, settings.steps, True, progress)
+    if settings.distill_weight > 0:
+        teacher = teacher.eval().requires_grad_(False)
+    else:
+        teacher = None
+    losses = _train_steps(model, data, settings, rng, settings.adapt, settings.steps, True, progress, teacher)
     return float(np.mean(losses[-max(1, len(losses) // 10) :]))
 
 
@@ -505,7 +521,7 @@ def personalize(profile: Path, bundle: Path | None, config: Config, progress: bo
     durations = min_durations(data.segment_s, settings)
     untuned_f1, *_ = _held_out_f1(model, stream, data, settings, base.detector, durations)
     train_started = time.perf_counter()
-    loss = fine_tune(model, data, settings, config.seed, progress)
+    loss = fine_tune(model, data, settings, config.seed, progress, teacher=base.model)
     train_seconds = time.perf_counter() - train_started
     f1, thresholds, counts, per_hour = _held_out_f1(model, stream, data, settings, base.detector, durations)
     detector = detector_settings(data.sounds, thresholds, settings, base.detector, durations)

@@ -235,6 +235,9 @@ class PersonalizeConfig:
     adapt: str = "all"  # "head" | "last-block" | "all"
     steps: int = 1500
     head_warmup_steps: int = 0  # steps that train the new head alone before the ``adapt`` weights (LP-FT)
+    # weight of a Learning-without-Forgetting term: the global model's own head, kept frozen on the adapted body,
+    # should still give the frozen global model's outputs on the training batches (0: off)
+    distill_weight: float = 0.0
     batch_size: int = 16
     sequence_frames: int = 400
     lr: float = 2e-3
@@ -262,6 +265,7 @@ class PersonalizeConfig:
             (self.adapt in ADAPT_MODES, "adapt", f"must be one of {', '.join(ADAPT_MODES)}"),
             (self.steps >= 1, "steps", "must be at least 1"),
             (self.head_warmup_steps >= 0, "head-warmup-steps", "must be non-negative"),
+            (self.distill_weight >= 0, "distill-weight", "must be non-negative"),
             (self.batch_size >= 1, "batch-size", "must be at least 1"),
             (self.sequence_frames >= 50, "sequence-frames", "must be at least 50"),
             (0 < self.lr < 1, "lr", "must be in (0, 1)"),

@@ -179,11 +179,14 @@ class TCN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Per-frame logits: [B, T, bands] -> [B, T, n_classes]."""
+        return self.head(self.features(x))
+
+    def features(self, x: Tensor) -> Tensor:
+        """What the head reads, per frame: [B, T, bands] -> [B, T, channels]."""
         h = F.relu(self.input_norm(self.input_proj(x.transpose(1, 2))))
         for block in self.blocks:
             h = block(h)
-        h = F.relu(self.out_norm(h))
-        return self.head(h.transpose(1, 2))
+        return F.relu(self.out_norm(h)).transpose(1, 2)
 
     def clip_logits(self, x: Tensor) -> Tensor:
         """Clip logits [B, n_classes]: the per-frame logits pooled over time (``config.pooling``)."""

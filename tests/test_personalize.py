@@ -146,6 +146,24 @@ def test_head_warmup_trains_the_head_alone_before_the_adapted_layers(offline_run
     assert not torch.equal(heads[0], heads[3])
 
 
+def test_distillation_keeps_the_global_heads_outputs(offline_run):
+    base = load_bundle(offline_run["bundle"])
+    data = prepare_data(Profile.load(offline_run["profile"]), base, SMALL, 0)
+    x, _, _ = make_batch(np.random.default_rng(5), data, SMALL)
+    with torch.no_grad():
+        wanted = torch.sigmoid(base.model(x))
+    drift = {}
+    for weight in (0.0, 50.0):
+        model = new_head_model(base, len(data.sounds), 0)
+        fine_tune(model, data, dataclasses.replace(SMALL, steps=20, lr=1e-2, distill_weight=weight), 0,
+                  teacher=load_bundle(offline_run["bundle"]).model)
+        with torch.no_grad():
+            drift[weight] = (torch.sigmoid(base.model.head(model.features(x))) - wanted).abs().mean().item()
+    assert drift[50.0] < drift[0.0]
+    with pytest.raises(ValueError, match="teacher"):
+        fine_tune(new_head_model(base, len(data.sounds), 0), data, dataclasses.replace(SMALL, distill_weight=1.0), 0)
+
+
 def test_exported_model_drops_the_background_output(offline_run):
     base = load_bundle(offline_run["bundle"])
     model = new_head_model(base, 2, 0).eval()
@@ -222,7 +240,8 @@ def test_settings_file(tmp_path):
                           ("stepz = 3", "personalize.stepz: unknown key"),
                           ("steps = 1.5", "personalize.steps: expected an integer"),
                           ("lr = true", "personalize.lr: expected a number"),
-                          ("head-warmup-steps = -1", "personalize.head-warmup-steps: must be non-negative")):
+                          ("head-warmup-steps = -1", "personalize.head-warmup-steps: must be non-negative"),
+                          ("distill-weight = -0.5", "personalize.distill-weight: must be non-negative")):
         path.write_text(f"[personalize]\n{body}\n")
         with pytest.raises(ConfigError, match=f"{path}: {message}"):
             load_personalize_config(path)
