@@ -86,11 +86,6 @@ class FrontendConfig:
         """The frontend delay in seconds (:attr:`delay_samples`)."""
         return self.delay_samples / self.sample_rate
 
-    @property
-    def frames_per_second(self) -> float:
-        """Frame rate of the log-mel output."""
-        return self.sample_rate / self.hop_length
-
 
 @dataclass(frozen=True)
 class TrainConfig:
