@@ -95,7 +95,8 @@ def global_bundle(workdir: Path, quick: bool, seed: int, progress: bool) -> tupl
     was made."""
     bundle = workdir / "global-bundle"
     if (bundle / "bundle.json").is_file():
-        return bundle, f"existing bundle {bundle}"
+        sha = load_bundle(bundle).manifest["manifest_sha256"]
+        return bundle, f"existing bundle {bundle} (manifest sha256 {sha})"
     from data_prep.mouth_corpus import synthesize_mouth_corpus
     from data_prep.prep import prep
     from fl.train import train_central
