@@ -37,7 +37,8 @@ from fl.models import TCN, ModelConfig
 
 RATE = 16000
 SOUNDS = ("click", "whistle")
-SMALL = PersonalizeConfig(steps=120, batch_size=8, sequence_frames=200, lr=3e-3, min_duration_ms=60.0)
+SMALL = PersonalizeConfig(steps=120, head_warmup_steps=30, batch_size=8, sequence_frames=200, lr=3e-3,
+                          min_duration_ms=60.0)
 
 
 def _block_network(monkeypatch: pytest.MonkeyPatch) -> None:
