@@ -349,10 +349,7 @@ def fine_tune(model: TCN, data: PersonalData, settings: PersonalizeConfig, seed:
     torch.manual_seed(seed)
     if settings.head_warmup_steps:
         _train_steps(model, data, settings, rng, "head", settings.head_warmup_steps, False, progress)
-    if settings.distill_weight > 0:
-        teacher = teacher.eval().requires_grad_(False)
-    else:
-        teacher = None
+    teacher = teacher.eval().requires_grad_(False) if settings.distill_weight > 0 else None
     losses = _train_steps(model, data, settings, rng, settings.adapt, settings.steps, True, progress, teacher)
     return float(np.mean(losses[-max(1, len(losses) // 10) :]))
 
