@@ -189,9 +189,10 @@ def prepare_data(profile: Profile, bundle: Bundle, settings: PersonalizeConfig, 
 # Training
 
 
-def _gain(rng: np.random.Generator, db: float) -> float:
-    """Log-mel offset of a random gain in [-db, db] dB (log of power: 10 dB = ln 10)."""
-    return float(rng.uniform(-db, db) * np.log(10.0) / 10.0)
+def _gain(rng: np.random.Generator, low_db: float, high_db: float) -> float:
+    """Log-mel offset of a random gain in [low_db, high_db] dB (log of power: 10 dB = ln 10), as a Python float
+    so that float32 frames stay float32."""
+    return float(rng.uniform(low_db, high_db) * np.log(10.0) / 10.0)
 
 
 def _crop(rng: np.random.Generator, frames: np.ndarray, length: int) -> np.ndarray:
@@ -229,10 +230,10 @@ def _sound_piece(rng: np.random.Generator, data: PersonalData, settings: Persona
         end += 1
     start = max(0, onset - int(rng.integers(data.inflate + 5, 4 * data.inflate + 20)))
     stop = min(len(take.frames), end + int(rng.integers(5, 2 * data.inflate + 20)))
-    frames = take.frames[start:stop] + _gain(rng, settings.gain_db)
+    frames = take.frames[start:stop] + _gain(rng, -settings.gain_db, settings.gain_db)
     if rng.random() < settings.mix_probability:
         noise = _background_piece(rng, data, settings, len(frames))
-        noise = noise + float(rng.uniform(*settings.mix_gain_db)) * np.log(10.0) / 10.0
+        noise = noise + _gain(rng, *settings.mix_gain_db)
         frames = np.logaddexp(frames, noise)
     return frames, take.classes[start:stop], take.mask[start:stop]
 
@@ -255,8 +256,8 @@ def make_batch(rng: np.random.Generator, data: PersonalData, settings: Personali
             frames = _background_piece(rng, data, settings, int(rng.integers(30, 150)))
             if rng.random() < settings.aggressor_overlay_probability:
                 other = _background_piece(rng, data, settings, len(frames))
-                frames = np.logaddexp(frames, other + float(rng.uniform(-10.0, 0.0)) * np.log(10.0) / 10.0)
-            frames = frames + float(rng.uniform(*settings.aggressor_gain_db)) * np.log(10.0) / 10.0
+                frames = np.logaddexp(frames, other + _gain(rng, -10.0, 0.0))
+            frames = frames + _gain(rng, *settings.aggressor_gain_db)
             pieces.append((frames, np.zeros(len(frames), np.int64), np.ones(len(frames), bool)))
             aggressor_frames += len(frames)
         order = rng.permutation(len(pieces))
