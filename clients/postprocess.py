@@ -4,10 +4,10 @@ For each class independently (frame ``t`` lies at ``t * frame_s`` seconds, the c
 
 * A candidate starts at the first frame whose probability reaches the class's **on** threshold, unless the
   class is in its refractory time. Its onset is that frame's time or, with ``onset_at_rise``, the time of the
-  first frame of the run of frames at or above the **off** threshold that led up to it (the double threshold
-  of Kong et al. applied to the onset: a probability that climbs slowly, as for a sound that only becomes
-  recognisable after a while, still dates the event from where it began to rise; only the reported onset
-  time changes, not when the event is confirmed).
+  first frame of the run of frames at or above the **rise level** that led up to it: the **off** threshold,
+  or ``rise_threshold`` where that is lower (the double threshold of Kong et al. applied to the onset: a
+  probability that climbs slowly, as for a sound that only becomes recognisable after a while, still dates the
+  event from where it began to rise; only the reported onset time changes, not when the event is confirmed).
 * The candidate lasts while the probability stays at or above the **off** threshold (hysteresis). Once it has
   lasted ``min_duration_ms`` from the frame that reached on (or the class's own ``class_min_duration_ms``;
   counted in frames: rounded to the nearest whole number of frames, at least one), it is confirmed and an
@@ -120,6 +120,7 @@ class EventTracker:
         self.settings = settings
         self.frame_s = frame_s
         self.on, self.off = class_thresholds(self.labels, settings)
+        self.rise_level = np.minimum(self.off, np.float32(settings.rise_threshold))
         self.confirm_frames = class_confirm_frames(self.labels, settings, frame_s)
         self.refractory_frames = to_frames(settings.refractory_ms, frame_s)
         n = len(self.labels)
@@ -129,7 +130,7 @@ class EventTracker:
         self._peak = np.zeros(n, dtype=np.float32)
         self._latency_ms = np.zeros(n, dtype=np.float64)
         self._blocked_until = np.zeros(n, dtype=np.int64)  # first frame at which a candidate may start
-        self._rise = np.zeros(n, dtype=np.int64)  # first frame of the current run at or above off (idle classes)
+        self._rise = np.zeros(n, dtype=np.int64)  # first frame of the current run at or above the rise level
         self._n_running = 0  # classes pending or active
         self.n_frames = 0
 
@@ -169,8 +170,7 @@ class EventTracker:
         self.n_frames += 1
         above_on = p >= self.on
         if self.settings.onset_at_rise:
-            below_off = p < self.off
-            self._rise[below_off] = t + 1  # a run at or above off can start at the next frame at the earliest
+            self._rise[p < self.rise_level] = t + 1  # a run at or above it can start at the next frame at the earliest
             np.maximum(self._rise, self._blocked_until, out=self._rise)
         if self._n_running == 0 and not above_on.any():  # fast path: nothing happening
             return []

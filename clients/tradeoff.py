@@ -83,18 +83,18 @@ def _onsets(p: np.ndarray, label: str, on: float, off: float, hold_ms: float, ba
             frame_s: float) -> list[float]:
     """Onset times of one label's events over its probability track ``p`` (1-D).
 
-    Only the stretches that come near the off threshold are run through the tracker; they are separated by at
-    least REGION_GAP_FRAMES frames below it, longer than the refractory time, so each starts from an idle
-    tracker exactly as in one pass over the whole track.
+    Only the stretches that reach the off threshold (or the rise level that dates onsets, where that is lower)
+    are run through the tracker; they are separated by at least REGION_GAP_FRAMES frames below it, longer than
+    the refractory time, so each starts from an idle tracker exactly as in one pass over the whole track.
     """
     settings = dataclasses.replace(base, class_thresholds={label: [on, off]}, class_min_duration_ms={label: hold_ms})
-    near = np.flatnonzero(p >= off)
+    near = np.flatnonzero(p >= (min(off, base.rise_threshold) if base.onset_at_rise else off))
     if not len(near):
         return []
     breaks = np.flatnonzero(np.diff(near) > REGION_GAP_FRAMES)
     onsets = []
     for first, last in zip(np.r_[near[0], near[breaks + 1]], np.r_[near[breaks], near[-1]], strict=True):
-        start = max(0, int(first) - 1)  # one frame below off first, as the tracker would have seen
+        start = max(0, int(first) - 1)  # one frame below that level first, as the tracker saw
         tracker = EventTracker([label], settings, frame_s)
         events = tracker.update(p[start : int(last) + 2, None], 0.0)
         onsets += [start * frame_s + e.onset_s for e in events if e.type == "onset"]

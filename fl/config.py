@@ -200,6 +200,9 @@ class DetectorConfig:
     class_thresholds: dict[str, list[float]] = field(default_factory=dict)
     # an event's onset is where its run above off-threshold began, not where it reached on-threshold
     onset_at_rise: bool = False
+    # with onset-at-rise, the run that dates the onset is the one at or above this level or the class's
+    # off-threshold, whichever is lower (1.0: off-threshold)
+    rise_threshold: float = 1.0
     # label -> minimum duration in ms, replacing min-duration-ms for that label
     class_min_duration_ms: dict[str, float] = field(default_factory=dict)
 
@@ -207,6 +210,7 @@ class DetectorConfig:
         _check(0 < self.on_threshold < 1, "on-threshold", "must be in (0, 1)")
         _check(0 < self.off_threshold <= self.on_threshold, "off-threshold", "must be in (0, on-threshold]")
         _check(self.min_duration_ms >= 0, "min-duration-ms", "must be non-negative")
+        _check(0 < self.rise_threshold <= 1, "rise-threshold", "must be in (0, 1]")
         _check(self.refractory_ms >= 0, "refractory-ms", "must be non-negative")
         _check(self.block_size >= 1, "block-size", "must be at least 1")
         for label, pair in self.class_thresholds.items():
@@ -253,6 +257,7 @@ class PersonalizeConfig:
     min_duration_fraction: float = 1.0
     max_min_duration_ms: float = 400.0  # ... but never longer than this
     onset_at_rise: bool = True  # the detector's onset-at-rise (clients/postprocess.py)
+    rise_threshold: float = 0.2  # the detector's rise-threshold: the onset is dated from the run above it
     refractory_ms: float = 300.0
 
     def __post_init__(self) -> None:
@@ -282,6 +287,7 @@ class PersonalizeConfig:
             (0 <= self.min_duration_fraction <= 1, "min-duration-fraction", "must be in [0, 1]"),
             (self.max_min_duration_ms >= self.min_duration_ms, "max-min-duration-ms",
              "must be at least min-duration-ms"),
+            (0 < self.rise_threshold <= 1, "rise-threshold", "must be in (0, 1]"),
             (self.refractory_ms >= 0, "refractory-ms", "must be non-negative"),
         ]
         for ok, key, message in checks:

@@ -1,13 +1,14 @@
 """Post-processing: hysteresis, minimum duration, refractory time and per-class thresholds on hand-made
 probability sequences (frames of 10 ms)."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from clients.postprocess import EventTracker, class_confirm_frames, class_thresholds, min_duration_frames
-from fl.config import DetectorConfig
+from fl.config import Config, DetectorConfig, apply
 from fl.errors import ConfigError
 
 FRAME_S = 0.01
@@ -127,6 +128,25 @@ def test_events_active_at_the_end_are_closed_and_serialise_as_json():
     line = json.loads(events[0].to_json())
     assert {"label", "onset_s", "score", "latency_ms", "offset_s", "type", "emitted_s"} <= set(line)
     assert line["label"] == "pop" and line["offset_s"] is None and line["score"] == pytest.approx(0.8)
+
+
+def test_rise_threshold_dates_the_onset_from_the_run_above_it_when_lower_than_off():
+    seq = [0.0, 0.1, 0.25, 0.25, 0.35, 0.9, 0.9, 0.9, 0.1, 0.0]
+    settings = DetectorConfig(min_duration_ms=20, refractory_ms=0, onset_at_rise=True)
+    at_off, low = (onsets(run(seq, dataclasses.replace(settings, rise_threshold=level)))[0] for level in (1.0, 0.2))
+    assert at_off.onset_s == pytest.approx(0.04)  # 1.0: the run at or above off (0.3) starts at 0.35
+    assert low.onset_s == pytest.approx(0.02)  # 0.2: the run at or above 0.2 starts at the first 0.25
+    assert low.emitted_s == at_off.emitted_s == pytest.approx(0.07)  # dating moves, confirmation does not
+    # a rise threshold above a class's off threshold leaves that class dated from its run above off
+    above = DetectorConfig(min_duration_ms=20, refractory_ms=0, onset_at_rise=True, rise_threshold=0.5,
+                           class_thresholds={"pop": [0.8, 0.3]})
+    assert onsets(run(seq, above))[0].onset_s == pytest.approx(0.04)
+
+
+@pytest.mark.parametrize("level", [0.0, 1.5])
+def test_rise_threshold_outside_zero_one_is_refused(level):
+    with pytest.raises(ConfigError, match=r"my\.toml.*rise-threshold: must be in \(0, 1\]"):
+        apply(Config(), {"detector": {"rise-threshold": level}}, "my.toml")
 
 
 def test_bad_probability_shape_is_refused():

@@ -42,13 +42,13 @@ def _bursts(n: int, bursts: list[tuple[int, int, float]], floor: float = 0.05) -
     return p
 
 
-@pytest.mark.parametrize("onset_at_rise", [True, False])
-def test_fast_rerun_finds_the_same_onsets_as_one_pass_of_the_tracker(onset_at_rise):
+@pytest.mark.parametrize(("onset_at_rise", "rise_threshold"), [(True, 1.0), (True, 0.2), (False, 1.0)])
+def test_fast_rerun_finds_the_same_onsets_as_one_pass_of_the_tracker(onset_at_rise, rise_threshold):
     rng = np.random.default_rng(0)
     p = np.clip(rng.normal(0.1, 0.1, 6000), 0, 1).astype(np.float32)
     for start in rng.integers(0, 5900, 40):  # bursts of varied height and length, some close together
         p[start : start + rng.integers(3, 60)] = rng.uniform(0.3, 1.0)
-    base = _detector(onset_at_rise=onset_at_rise)
+    base = _detector(onset_at_rise=onset_at_rise, rise_threshold=rise_threshold)
     for on, hold in [(0.5, 100.0), (0.7, 150.0), (0.3, 30.0)]:
         settings = dataclasses.replace(base, class_thresholds={"pop": [on, on * 0.8]},
                                        class_min_duration_ms={"pop": hold})
