@@ -34,8 +34,8 @@ gives each sound's held-out precision and recall at that threshold, the false tr
 held-out background, the same F1 for the untuned head, and the time taken.
 
 The personal detector's post-processing keeps the global bundle's settings except the per-sound thresholds,
-the per-sound minimum durations, ``onset-at-rise`` and ``refractory-ms``. Every sound must hold at least
-``min-duration-ms`` (150 ms lets the detector wait until a speech plosive or click-like transient has gone
+the per-sound minimum durations, ``onset-at-rise``, ``rise-threshold`` and ``refractory-ms``. Every sound must
+hold at least ``min-duration-ms`` (150 ms lets the detector wait until a speech plosive or click-like transient has gone
 on into the next phoneme); a sustained sound must also hold ``min-duration-fraction`` of its short enrolled
 examples (their 20th percentile), up to ``max-min-duration-ms``: a hum enrolled at 0.3-0.9 s waits about
 0.4 s, longer than most runs of voiced speech that the model takes for a hum (a nasal, 50-140 ms, into a
@@ -438,7 +438,7 @@ def min_durations(segment_s: Mapping[str, Sequence[float]], settings: Personaliz
 def detector_settings(sounds: Sequence[str], on: Sequence[float], settings: PersonalizeConfig,
                       base: DetectorConfig, durations: Mapping[str, float]) -> DetectorConfig:
     """The personal detector's post-processing: per-sound thresholds and minimum durations (``durations``,
-    from :func:`min_durations`), onset at rise, refractory time."""
+    from :func:`min_durations`), onset dating (``onset-at-rise``, ``rise-threshold``), refractory time."""
     pairs = {name: [float(t), float(max(0.01, round(t * settings.off_ratio, 4)))] for name, t in zip(
         sounds, on, strict=True)}
     return dataclasses.replace(base, class_thresholds=pairs, min_duration_ms=settings.min_duration_ms,

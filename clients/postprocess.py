@@ -8,6 +8,7 @@ For each class independently (frame ``t`` lies at ``t * frame_s`` seconds, the c
   or ``rise_threshold`` where that is lower (the double threshold of Kong et al. applied to the onset: a
   probability that climbs slowly, as for a sound that only becomes recognisable after a while, still dates the
   event from where it began to rise; only the reported onset time changes, not when the event is confirmed).
+  The run never reaches back into the class's refractory time: it starts at the end of it at the earliest.
 * The candidate lasts while the probability stays at or above the **off** threshold (hysteresis). Once it has
   lasted ``min_duration_ms`` from the frame that reached on (or the class's own ``class_min_duration_ms``;
   counted in frames: rounded to the nearest whole number of frames, at least one), it is confirmed and an

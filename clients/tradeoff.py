@@ -88,7 +88,7 @@ def _onsets(p: np.ndarray, label: str, on: float, off: float, hold_ms: float, ba
     the refractory time, so each starts from an idle tracker exactly as in one pass over the whole track.
     """
     settings = dataclasses.replace(base, class_thresholds={label: [on, off]}, class_min_duration_ms={label: hold_ms})
-    near = np.flatnonzero(p >= (min(off, base.rise_threshold) if base.onset_at_rise else off))
+    near = np.flatnonzero(p >= np.float32(min(off, base.rise_threshold) if base.onset_at_rise else off))
     if not len(near):
         return []
     breaks = np.flatnonzero(np.diff(near) > REGION_GAP_FRAMES)

@@ -198,7 +198,7 @@ class DetectorConfig:
     block_size: int = 160
     # label -> [on, off]: per-class thresholds replacing on-threshold / off-threshold for that label
     class_thresholds: dict[str, list[float]] = field(default_factory=dict)
-    # an event's onset is where its run above off-threshold began, not where it reached on-threshold
+    # an event's onset is where its run above the rise level (below) began, not where it reached on-threshold
     onset_at_rise: bool = False
     # with onset-at-rise, the run that dates the onset is the one at or above this level or the class's
     # off-threshold, whichever is lower (1.0: off-threshold)

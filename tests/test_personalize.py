@@ -19,6 +19,7 @@ from clients.personalize import (
     PersonalData,
     PersonalizeConfig,
     PersonalizeError,
+    detector_settings,
     fine_tune,
     label_take,
     load_personalize_config,
@@ -242,13 +243,23 @@ def test_settings_file(tmp_path):
                           ("steps = 1.5", "personalize.steps: expected an integer"),
                           ("lr = true", "personalize.lr: expected a number"),
                           ("head-warmup-steps = -1", "personalize.head-warmup-steps: must be non-negative"),
-                          ("distill-weight = -0.5", "personalize.distill-weight: must be non-negative")):
+                          ("distill-weight = -0.5", "personalize.distill-weight: must be non-negative"),
+                          ("rise-threshold = 0", r"personalize.rise-threshold: must be in \(0, 1\]")):
         path.write_text(f"[personalize]\n{body}\n")
         with pytest.raises(ConfigError, match=f"{path}: {message}"):
             load_personalize_config(path)
     path.write_text("[detector]\non-threshold = 0.5\n")
     assert load_personalize_config(path) == PersonalizeConfig()  # other sections leave the defaults
     assert json.loads(json.dumps(dataclasses.asdict(PersonalizeConfig())))  # plain data
+
+
+def test_personal_detector_takes_thresholds_holds_and_onset_dating_from_the_settings():
+    settings = PersonalizeConfig(off_ratio=0.5, rise_threshold=0.3, refractory_ms=250.0)
+    detector = detector_settings(["pop", "hum"], [0.8, 0.6], settings, DetectorConfig(min_duration_ms=30.0),
+                                 {"pop": 150.0, "hum": 400.0})
+    assert detector.class_thresholds == {"pop": [0.8, 0.4], "hum": [0.6, 0.3]}
+    assert detector.class_min_duration_ms == {"pop": 150.0, "hum": 400.0}
+    assert (detector.onset_at_rise, detector.rise_threshold, detector.refractory_ms) == (True, 0.3, 250.0)
 
 
 def test_bench_pools_users_by_summing_counts_and_hours():

@@ -137,10 +137,10 @@ def test_rise_threshold_dates_the_onset_from_the_run_above_it_when_lower_than_of
     assert at_off.onset_s == pytest.approx(0.04)  # 1.0: the run at or above off (0.3) starts at 0.35
     assert low.onset_s == pytest.approx(0.02)  # 0.2: the run at or above 0.2 starts at the first 0.25
     assert low.emitted_s == at_off.emitted_s == pytest.approx(0.07)  # dating moves, confirmation does not
-    # a rise threshold above a class's off threshold leaves that class dated from its run above off
-    above = DetectorConfig(min_duration_ms=20, refractory_ms=0, onset_at_rise=True, rise_threshold=0.5,
-                           class_thresholds={"pop": [0.8, 0.3]})
-    assert onsets(run(seq, above))[0].onset_s == pytest.approx(0.04)
+    # a class whose own off threshold is below the rise threshold is dated from its run above that off
+    low_off = DetectorConfig(min_duration_ms=20, refractory_ms=0, onset_at_rise=True, rise_threshold=0.2,
+                             class_thresholds={"pop": [0.5, 0.15]})
+    assert onsets(run([0.0, 0.17, 0.25, 0.9, 0.9, 0.9, 0.0], low_off))[0].onset_s == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize("level", [0.0, 1.5])

@@ -11,6 +11,7 @@ from clients.postprocess import EventTracker
 from clients.tradeoff import (
     EXTRA_HOLD_MS,
     ON_THRESHOLDS,
+    REGION_GAP_FRAMES,
     SavedProbabilities,
     _onsets,
     format_tradeoff,
@@ -42,13 +43,18 @@ def _bursts(n: int, bursts: list[tuple[int, int, float]], floor: float = 0.05) -
     return p
 
 
-@pytest.mark.parametrize(("onset_at_rise", "rise_threshold"), [(True, 1.0), (True, 0.2), (False, 1.0)])
-def test_fast_rerun_finds_the_same_onsets_as_one_pass_of_the_tracker(onset_at_rise, rise_threshold):
+@pytest.mark.parametrize(("onset_at_rise", "rise_threshold", "floor_sd"),
+                         [(True, 1.0, 0.1), (True, 0.2, 0.03), (False, 1.0, 0.1)])
+def test_fast_rerun_finds_the_same_onsets_as_one_pass_of_the_tracker(onset_at_rise, rise_threshold, floor_sd):
     rng = np.random.default_rng(0)
-    p = np.clip(rng.normal(0.1, 0.1, 6000), 0, 1).astype(np.float32)
-    for start in rng.integers(0, 5900, 40):  # bursts of varied height and length, some close together
+    p = np.clip(rng.normal(0.08, floor_sd, 6000), 0, 1).astype(np.float32)
+    for start in rng.integers(20, 5900, 40):  # bursts of varied height and length, some close together ...
+        ramp = int(rng.integers(0, 15))  # ... some climbing through 0.2-0.3 first
+        p[start - ramp : start] = np.linspace(0.2, 0.3, ramp)
         p[start : start + rng.integers(3, 60)] = rng.uniform(0.3, 1.0)
     base = _detector(onset_at_rise=onset_at_rise, rise_threshold=rise_threshold)
+    if rise_threshold < 1.0:  # the rise level splits the track into many regions, not one
+        assert np.count_nonzero(np.diff(np.flatnonzero(p >= rise_threshold)) > REGION_GAP_FRAMES) > 5
     for on, hold in [(0.5, 100.0), (0.7, 150.0), (0.3, 30.0)]:
         settings = dataclasses.replace(base, class_thresholds={"pop": [on, on * 0.8]},
                                        class_min_duration_ms={"pop": hold})
@@ -56,6 +62,9 @@ def test_fast_rerun_finds_the_same_onsets_as_one_pass_of_the_tracker(onset_at_ri
         expected = [e.onset_s for e in tracker.update(p[:, None], 0.0) if e.type == "onset"]
         assert len(expected) > 5
         assert _onsets(p, "pop", on, on * 0.8, hold, base, FRAME_S) == pytest.approx(expected)
+        if rise_threshold < 1.0 and on > 0.3:  # and it moves onsets earlier than the off threshold would
+            at_off = _onsets(p, "pop", on, on * 0.8, hold, dataclasses.replace(base, rise_threshold=1.0), FRAME_S)
+            assert len(at_off) == len(expected) and any(a < b for a, b in zip(expected, at_off, strict=True))
 
 
 def _run(test_bursts: list[tuple[int, int, float]], aggressor_bursts: list[tuple[int, int, float]]
