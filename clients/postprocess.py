@@ -89,6 +89,13 @@ def class_thresholds(labels: Sequence[str], settings: DetectorConfig) -> tuple[n
     return on, off
 
 
+def rise_levels(labels: Sequence[str], settings: DetectorConfig) -> np.ndarray:
+    """Per-class level whose run dates an onset: the off threshold, or ``rise-threshold`` where that is lower
+    (with ``onset-at-rise``; without it, the off threshold). Below it a class is idle."""
+    _, off = class_thresholds(labels, settings)
+    return np.minimum(off, np.float32(settings.rise_threshold)) if settings.onset_at_rise else off
+
+
 def to_frames(ms: float, frame_s: float) -> int:
     """A duration in whole frames, rounded to the nearest (half up)."""
     return math.floor(ms / (1000.0 * frame_s) + 0.5)
@@ -121,7 +128,7 @@ class EventTracker:
         self.settings = settings
         self.frame_s = frame_s
         self.on, self.off = class_thresholds(self.labels, settings)
-        self.rise_level = np.minimum(self.off, np.float32(settings.rise_threshold))
+        self.rise_level = rise_levels(self.labels, settings)
         self.confirm_frames = class_confirm_frames(self.labels, settings, frame_s)
         self.refractory_frames = to_frames(settings.refractory_ms, frame_s)
         n = len(self.labels)

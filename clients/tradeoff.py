@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from clients.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
-from clients.postprocess import EventTracker
+from clients.postprocess import EventTracker, rise_levels
 from fl.config import Config, DetectorConfig, apply, to_dict
 from fl.errors import DataError, FedsoundError
 
@@ -88,7 +88,7 @@ def _onsets(p: np.ndarray, label: str, on: float, off: float, hold_ms: float, ba
     the refractory time, so each starts from an idle tracker exactly as in one pass over the whole track.
     """
     settings = dataclasses.replace(base, class_thresholds={label: [on, off]}, class_min_duration_ms={label: hold_ms})
-    near = np.flatnonzero(p >= np.float32(min(off, base.rise_threshold) if base.onset_at_rise else off))
+    near = np.flatnonzero(p >= rise_levels([label], settings)[0])
     if not len(near):
         return []
     breaks = np.flatnonzero(np.diff(near) > REGION_GAP_FRAMES)
