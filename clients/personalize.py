@@ -39,11 +39,11 @@ hold at least ``min-duration-ms`` (150 ms lets the detector wait until a speech 
 on into the next phoneme); a sustained sound must also hold ``min-duration-fraction`` of its short enrolled
 examples (their 20th percentile), up to ``max-min-duration-ms``: a hum enrolled at 0.3-0.9 s waits about
 0.4 s, longer than most runs of voiced speech that the model takes for a hum (a nasal, 50-140 ms, into a
-vowel). With ``onset-at-rise`` an event's onset
-is where its probability began to rise (above ``rise-threshold``, 0.2, or the off threshold where that is
-lower), so a sound recognised only after a while is still dated from its start (a hiss or hum whose probability
-takes 150 ms to climb from 0.2 to the off threshold would otherwise be dated outside the 100 ms onset collar);
-the trigger comes when the event is confirmed (the detection latency).
+vowel). With ``onset-at-rise`` an event's onset is where its probability began to rise (above
+``rise-threshold``, 0.2, or the off threshold where that is lower; at most the detector's ``max-rise-ms``,
+300 ms, before it reached on), so a sound recognised only after a while is still dated from its start (a hiss
+or hum whose probability takes 150 ms to climb from 0.2 to the off threshold would otherwise be dated outside
+the 100 ms onset collar); the trigger comes when the event is confirmed (the detection latency).
 
 The personal bundle is written to ``PROFILE/personal/`` with :func:`clients.bundle.write_bundle` and made
 private (0700 folders, 0600 files). Nothing here opens a network connection.

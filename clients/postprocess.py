@@ -8,7 +8,9 @@ For each class independently (frame ``t`` lies at ``t * frame_s`` seconds, the c
   or ``rise_threshold`` where that is lower (the double threshold of Kong et al. applied to the onset: a
   probability that climbs slowly, as for a sound that only becomes recognisable after a while, still dates the
   event from where it began to rise; only the reported onset time changes, not when the event is confirmed).
-  The run never reaches back into the class's refractory time: it starts at the end of it at the earliest.
+  The run never reaches back into the class's refractory time (it starts at the end of it at the earliest),
+  nor more than ``max_rise_ms`` before the frame that reached on: a class that idles above the rise level, as
+  a fresh head near 0.5 or a hum output over speech, dates the next onset at most that early.
 * The candidate lasts while the probability stays at or above the **off** threshold (hysteresis). Once it has
   lasted ``min_duration_ms`` from the frame that reached on (or the class's own ``class_min_duration_ms``;
   counted in frames: rounded to the nearest whole number of frames, at least one), it is confirmed and an
@@ -131,6 +133,7 @@ class EventTracker:
         self.rise_level = rise_levels(self.labels, settings)
         self.confirm_frames = class_confirm_frames(self.labels, settings, frame_s)
         self.refractory_frames = to_frames(settings.refractory_ms, frame_s)
+        self.max_rise_frames = to_frames(settings.max_rise_ms, frame_s)
         n = len(self.labels)
         self._state = np.full(n, _IDLE, dtype=np.int8)
         self._onset = np.zeros(n, dtype=np.int64)  # reported onset frame
@@ -198,7 +201,8 @@ class EventTracker:
         start = above_on & ~running & (self._blocked_until <= t)
         if start.any():
             self._start[start] = t
-            self._onset[start] = self._rise[start] if self.settings.onset_at_rise else t
+            self._onset[start] = np.maximum(self._rise[start], t - self.max_rise_frames) if (
+                self.settings.onset_at_rise) else t
             self._peak[start] = 0.0
             state[start] = _PENDING
             running |= start

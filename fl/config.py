@@ -203,6 +203,9 @@ class DetectorConfig:
     # with onset-at-rise, the run that dates the onset is the one at or above this level or the class's
     # off-threshold, whichever is lower (1.0: off-threshold)
     rise_threshold: float = 1.0
+    # with onset-at-rise, the onset lies at most this long before the frame that reached on-threshold: a class
+    # that idles above the rise level (a hum output over speech) cannot date the next onset far too early
+    max_rise_ms: float = 300.0
     # label -> minimum duration in ms, replacing min-duration-ms for that label
     class_min_duration_ms: dict[str, float] = field(default_factory=dict)
 
@@ -211,6 +214,7 @@ class DetectorConfig:
         _check(0 < self.off_threshold <= self.on_threshold, "off-threshold", "must be in (0, on-threshold]")
         _check(self.min_duration_ms >= 0, "min-duration-ms", "must be non-negative")
         _check(0 < self.rise_threshold <= 1, "rise-threshold", "must be in (0, 1]")
+        _check(self.max_rise_ms >= 0, "max-rise-ms", "must be non-negative")
         _check(self.refractory_ms >= 0, "refractory-ms", "must be non-negative")
         _check(self.block_size >= 1, "block-size", "must be at least 1")
         for label, pair in self.class_thresholds.items():

@@ -143,6 +143,20 @@ def test_rise_threshold_dates_the_onset_from_the_run_above_it_when_lower_than_of
     assert onsets(run([0.0, 0.17, 0.25, 0.9, 0.9, 0.9, 0.0], low_off))[0].onset_s == pytest.approx(0.01)
 
 
+def test_max_rise_ms_bounds_how_early_a_long_idle_run_dates_the_onset():
+    seq = [0.0] + [0.25] * 50 + [0.9] * 5 + [0.0]  # 0.5 s above the rise level, then on at frame 51
+    settings = DetectorConfig(min_duration_ms=20, refractory_ms=0, onset_at_rise=True, rise_threshold=0.2)
+    assert onsets(run(seq, dataclasses.replace(settings, max_rise_ms=1000.0)))[0].onset_s == pytest.approx(0.01)
+    capped = onsets(run(seq, settings))[0]  # default 300 ms: 30 frames before frame 51
+    assert capped.onset_s == pytest.approx(0.21) and capped.latency_ms == pytest.approx(320.0)
+    assert onsets(run(seq, dataclasses.replace(settings, max_rise_ms=0.0)))[0].onset_s == pytest.approx(0.51)
+    # a rise shorter than the cap is dated from its start as before
+    short = [0.0] * 40 + [0.25] * 10 + [0.9] * 5 + [0.0]
+    assert onsets(run(short, settings))[0].onset_s == pytest.approx(0.40)
+    with pytest.raises(ConfigError, match=r"my\.toml.*max-rise-ms: must be non-negative"):
+        apply(Config(), {"detector": {"max-rise-ms": -1.0}}, "my.toml")
+
+
 @pytest.mark.parametrize("level", [0.0, 1.5])
 def test_rise_threshold_outside_zero_one_is_refused(level):
     with pytest.raises(ConfigError, match=r"my\.toml.*rise-threshold: must be in \(0, 1\]"):

@@ -43,16 +43,18 @@ def _bursts(n: int, bursts: list[tuple[int, int, float]], floor: float = 0.05) -
     return p
 
 
-@pytest.mark.parametrize(("onset_at_rise", "rise_threshold", "floor_sd"),
-                         [(True, 1.0, 0.1), (True, 0.2, 0.03), (False, 1.0, 0.1)])
-def test_fast_rerun_finds_the_same_onsets_as_one_pass_of_the_tracker(onset_at_rise, rise_threshold, floor_sd):
+@pytest.mark.parametrize(("onset_at_rise", "rise_threshold", "max_rise_ms", "floor_sd"),
+                         [(True, 1.0, 300.0, 0.1), (True, 0.2, 300.0, 0.03), (True, 0.2, 50.0, 0.03),
+                          (False, 1.0, 300.0, 0.1)])
+def test_fast_rerun_finds_the_same_onsets_as_one_pass_of_the_tracker(onset_at_rise, rise_threshold, max_rise_ms,
+                                                                     floor_sd):
     rng = np.random.default_rng(0)
     p = np.clip(rng.normal(0.08, floor_sd, 6000), 0, 1).astype(np.float32)
     for start in rng.integers(20, 5900, 40):  # bursts of varied height and length, some close together ...
         ramp = int(rng.integers(0, 15))  # ... some climbing through 0.2-0.3 first
         p[start - ramp : start] = np.linspace(0.2, 0.3, ramp)
         p[start : start + rng.integers(3, 60)] = rng.uniform(0.3, 1.0)
-    base = _detector(onset_at_rise=onset_at_rise, rise_threshold=rise_threshold)
+    base = _detector(onset_at_rise=onset_at_rise, rise_threshold=rise_threshold, max_rise_ms=max_rise_ms)
     if rise_threshold < 1.0:  # the rise level splits the track into many regions, not one
         assert np.count_nonzero(np.diff(np.flatnonzero(p >= rise_threshold)) > REGION_GAP_FRAMES) > 5
     for on, hold in [(0.5, 100.0), (0.7, 150.0), (0.3, 30.0)]:
@@ -65,6 +67,9 @@ def test_fast_rerun_finds_the_same_onsets_as_one_pass_of_the_tracker(onset_at_ri
         if rise_threshold < 1.0 and on > 0.3:  # and it moves onsets earlier than the off threshold would
             at_off = _onsets(p, "pop", on, on * 0.8, hold, dataclasses.replace(base, rise_threshold=1.0), FRAME_S)
             assert len(at_off) == len(expected) and any(a < b for a, b in zip(expected, at_off, strict=True))
+        if max_rise_ms < 150.0 and on > 0.3:  # a cap shorter than the longest ramps dates some onsets later
+            uncapped = _onsets(p, "pop", on, on * 0.8, hold, dataclasses.replace(base, max_rise_ms=300.0), FRAME_S)
+            assert len(uncapped) == len(expected) and any(a > b for a, b in zip(expected, uncapped, strict=True))
 
 
 def _run(test_bursts: list[tuple[int, int, float]], aggressor_bursts: list[tuple[int, int, float]]
