@@ -1,8 +1,9 @@
 """Ray Tune sweeps over federated parameters (fl/sweep.py) on the tiny synthetic store.
 
 Each trial is a real Flower simulation in its own process and Ray (15-30 s on two cores), so the module runs
-two sweeps of the 2 x 1 grid of one-round trials in configs/sweep/tiny.toml: one uninterrupted, and one whose
-driver is killed while its second trial starts and which ``resume`` then finishes. Bad grids fail before Ray.
+one sweep of the 2 x 1 grid of one-round trials in configs/sweep/tiny.toml: its driver runs the first trial to
+the end and is killed while the second starts; ``resume`` then finishes it, and the results of the whole grid
+are checked. Bad grids fail before Ray.
 """
 
 from __future__ import annotations
@@ -82,25 +83,8 @@ def test_bad_grid_is_a_one_line_error_before_ray(tmp_path: Path, tiny_store: Pat
     assert not ray.is_initialized() and not (tmp_path / "sweep").exists()
 
 
-def test_grid_sweep_writes_results(workdir: Path, tiny_store: Path, sweep_config: Config) -> None:
-    out = workdir / "grid"
-    best = run_sweep(tiny_store, sweep_config, out, progress=False)
-    results = check_results(out, sweep_config)
-    assert best["trial"] in set(results["trial"])
-    for name in results["trial"]:
-        run = out / "trials" / name
-        assert attempts(run) == 1 and (run / "model.pt").exists()
-        assert list((out / "tune" / name).glob("checkpoint_*")), "no Tune checkpoint for the reported round"
-    assert not ray.is_initialized()
-    with pytest.raises(DataError, match="already here"):
-        run_sweep(tiny_store, sweep_config, out, progress=False)
-    changed = apply_flat(sweep_config, {"federated.rounds": 2}, "test")
-    with pytest.raises(ConfigError, match="federated.rounds was 1, now 2"):
-        run_sweep(tiny_store, changed, out, resume=True, progress=False)
-
-
-def test_killed_sweep_resumes_without_rerunning_finished_trials(workdir: Path, tiny_store: Path,
-                                                                sweep_config: Config) -> None:
+def test_killed_sweep_resumes_without_rerunning_finished_trials_and_writes_results(
+        workdir: Path, tiny_store: Path, sweep_config: Config) -> None:
     out = workdir / "killed"
     runs = [out / "trials" / t.name for t in expand_grid(sweep_config)]
     script = ("import sys; from pathlib import Path; from fl.config import load_config; from fl.sweep import "
@@ -121,8 +105,17 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(workdir: Path, t
     assert (first / "model.pt").exists() and not (second / "model.pt").exists()
     first_records = (first / "metrics.jsonl").read_text()
 
-    run_sweep(tiny_store, sweep_config, out, resume=True, progress=False)
-    check_results(out, sweep_config)
+    best = run_sweep(tiny_store, sweep_config, out, resume=True, progress=False)
+    results = check_results(out, sweep_config)
+    assert best["trial"] in set(results["trial"])
     assert attempts(first) == 1, "the finished trial was run again"
     assert (first / "metrics.jsonl").read_text() == first_records
     assert attempts(second) == 2 and (second / "model.pt").exists()
+    for name in results["trial"]:
+        assert list((out / "tune" / name).glob("checkpoint_*")), "no Tune checkpoint for the reported round"
+    assert not ray.is_initialized()
+    with pytest.raises(DataError, match="already here"):  # a finished sweep is not started over ...
+        run_sweep(tiny_store, sweep_config, out, progress=False)
+    changed = apply_flat(sweep_config, {"federated.rounds": 2}, "test")
+    with pytest.raises(ConfigError, match="federated.rounds was 1, now 2"):  # ... nor resumed with other settings
+        run_sweep(tiny_store, changed, out, resume=True, progress=False)
