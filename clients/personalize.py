@@ -23,15 +23,16 @@ out of the loss. ``adapt`` chooses which weights change: ``head``, ``last-block`
 head alone (LP-FT), so that the body moves less from the global model.
 
 Thresholds: a part of each sound's takes (``holdout-fraction``, at least one) and of the background is held
-out. They are laid out as one validation stream (takes between stretches of background), the fine-tuned
-model runs over it, and for each sound the on-threshold (a grid from 0.05 to 0.9; off = on times
-``off-ratio``) is the highest whose event-level F1 with the detector's own post-processing (onset collar
-100 ms; detections on background count as false positives) is within ``threshold-tolerance`` of the best.
-The held-out material is small (three takes of a sound, a minute or two of background): it shows whether a
-threshold loses a take but cannot measure false triggers at a rate of one an hour, so of the thresholds that
-lose nothing the highest is taken (with 3 to 5 held-out takes, one lost take costs more than 0.1 of F1). The report
-gives each sound's held-out precision and recall at that threshold, the false triggers per hour on the
-held-out background, the same F1 for the untuned head, and the time taken.
+out. They are laid out as one validation stream (takes between stretches of background), the fine-tuned model
+runs over it, and for each sound the on-threshold (a grid from 0.05 to 0.9; off = on times ``off-ratio``, 0.9:
+a candidate must stay near on while it holds its minimum duration, and aggressors that only brush on, as a
+plosive in babble, dip below that before they have held) is the highest whose event-level F1 with the
+detector's own post-processing (onset collar 100 ms; detections on background count as false positives) is
+within ``threshold-tolerance`` of the best. The held-out material is small (three takes of a sound, a minute or
+two of background): it shows whether a threshold loses a take but cannot measure false triggers at a rate of
+one an hour, so of the thresholds that lose nothing the highest is taken (with 3 to 5 held-out takes, one lost
+take costs more than 0.1 of F1). The report gives each sound's held-out precision and recall at that threshold,
+the false triggers per hour on the held-out background, the same F1 for the untuned head, and the time taken.
 
 The personal detector's post-processing keeps the global bundle's settings except the per-sound thresholds,
 the per-sound minimum durations, ``onset-at-rise``, ``rise-threshold`` and ``refractory-ms``. Every sound must

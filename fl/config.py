@@ -254,7 +254,7 @@ class PersonalizeConfig:
     bundle_share: float = 0.5  # share of aggressor frames taken from the bundle's patches (rest: the user's)
     min_examples: int = 5  # enrollment examples needed per sound
     holdout_fraction: float = 0.3
-    off_ratio: float = 0.8
+    off_ratio: float = 0.9  # off-threshold = on x this: a candidate must stay near on while it holds
     threshold_tolerance: float = 0.1  # the highest on-threshold whose held-out F1 is this close to the best
     min_duration_ms: float = 150.0  # a sound must hold this long: speech's nasals and fricatives do not
     # a sustained sound must hold this share of its short enrolled examples (their 20th percentile) ...
