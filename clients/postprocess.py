@@ -9,8 +9,9 @@ For each class independently (frame ``t`` lies at ``t * frame_s`` seconds, the c
   probability that climbs slowly, as for a sound that only becomes recognisable after a while, still dates the
   event from where it began to rise; only the reported onset time changes, not when the event is confirmed).
   The run never reaches back into the class's refractory time (it starts at the end of it at the earliest),
-  nor more than ``max_rise_ms`` before the frame that reached on: a class that idles above the rise level, as
-  a fresh head near 0.5 or a hum output over speech, dates the next onset at most that early.
+  nor more than ``max_rise_ms`` (rounded to whole frames) before the frame that reached on: a class that idles
+  above the rise level, as a fresh head near 0.5 or a hum output over speech, dates the next onset at most that
+  early.
 * The candidate lasts while the probability stays at or above the **off** threshold (hysteresis). Once it has
   lasted ``min_duration_ms`` from the frame that reached on (or the class's own ``class_min_duration_ms``;
   counted in frames: rounded to the nearest whole number of frames, at least one), it is confirmed and an

@@ -150,9 +150,14 @@ def test_max_rise_ms_bounds_how_early_a_long_idle_run_dates_the_onset():
     capped = onsets(run(seq, settings))[0]  # default 300 ms: 30 frames before frame 51
     assert capped.onset_s == pytest.approx(0.21) and capped.latency_ms == pytest.approx(320.0)
     assert onsets(run(seq, dataclasses.replace(settings, max_rise_ms=0.0)))[0].onset_s == pytest.approx(0.51)
-    # a rise shorter than the cap is dated from its start as before
-    short = [0.0] * 40 + [0.25] * 10 + [0.9] * 5 + [0.0]
-    assert onsets(run(short, settings))[0].onset_s == pytest.approx(0.40)
+    # a rise of exactly the cap keeps its start; one frame longer is capped
+    for frames, expected in [(30, 0.01), (31, 0.02)]:
+        seq = [0.0] + [0.25] * frames + [0.9] * 5 + [0.0]
+        assert onsets(run(seq, settings))[0].onset_s == pytest.approx(expected)
+    # the refractory time still bounds a rise the cap would allow
+    blocked = dataclasses.replace(settings, refractory_ms=100.0, min_duration_ms=0.0)
+    after = [0.9, 0.0] + [0.25] * 20 + [0.9, 0.0]  # offset at frame 1: blocked until frame 11
+    assert [e.onset_s for e in onsets(run(after, blocked))] == pytest.approx([0.0, 0.11])
     with pytest.raises(ConfigError, match=r"my\.toml.*max-rise-ms: must be non-negative"):
         apply(Config(), {"detector": {"max-rise-ms": -1.0}}, "my.toml")
 
