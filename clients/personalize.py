@@ -52,6 +52,7 @@ private (0700 folders, 0600 files). Nothing here opens a network connection.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -346,14 +347,15 @@ def fine_tune(model: TCN, data: PersonalData, settings: PersonalizeConfig, seed:
     (LP-FT: a head that already fits moves the pretrained body less, which then keeps more of what it knew
     about sounds the user never enrolled), then ``steps`` steps of the ``adapt`` weights on a cosine schedule,
     with the Learning-without-Forgetting term when ``distill-weight`` > 0 (``teacher``: the global model it
-    starts from, required then). Returns the mean loss of the last 10% of those steps."""
+    starts from, required then; a frozen copy of it is used, the model given is left as it was). Returns the
+    mean loss of the last 10% of those steps."""
     if settings.distill_weight > 0 and teacher is None:
         raise ValueError("distill-weight > 0 needs the global model as teacher")
     rng = np.random.default_rng([seed, 2])
     torch.manual_seed(seed)
     if settings.head_warmup_steps:
         _train_steps(model, data, settings, rng, "head", settings.head_warmup_steps, False, progress)
-    teacher = teacher.eval().requires_grad_(False) if settings.distill_weight > 0 else None
+    teacher = copy.deepcopy(teacher).eval().requires_grad_(False) if settings.distill_weight > 0 else None
     losses = _train_steps(model, data, settings, rng, settings.adapt, settings.steps, True, progress, teacher)
     return float(np.mean(losses[-max(1, len(losses) // 10) :]))
 

@@ -157,8 +157,10 @@ def test_distillation_keeps_the_global_heads_outputs(offline_run):
     drift = {}
     for weight in (0.0, 50.0):
         model = new_head_model(base, len(data.sounds), 0)
+        teacher = load_bundle(offline_run["bundle"]).model.train()
         fine_tune(model, data, dataclasses.replace(SMALL, steps=20, lr=1e-2, distill_weight=weight), 0,
-                  teacher=load_bundle(offline_run["bundle"]).model)
+                  teacher=teacher)
+        assert teacher.training and all(w.requires_grad for w in teacher.parameters())  # left as it was given
         with torch.no_grad():
             drift[weight] = (torch.sigmoid(base.model.head(model.features(x))) - wanted).abs().mean().item()
     assert drift[50.0] < drift[0.0]
