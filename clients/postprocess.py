@@ -202,8 +202,10 @@ class EventTracker:
         start = above_on & ~running & (self._blocked_until <= t)
         if start.any():
             self._start[start] = t
-            self._onset[start] = np.maximum(self._rise[start], t - self.max_rise_frames) if (
-                self.settings.onset_at_rise) else t
+            if self.settings.onset_at_rise:  # where the run began, at most max-rise frames back
+                self._onset[start] = np.maximum(self._rise[start], t - self.max_rise_frames)
+            else:
+                self._onset[start] = t
             self._peak[start] = 0.0
             state[start] = _PENDING
             running |= start
