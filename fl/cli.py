@@ -204,8 +204,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (also used by the tests and the README)."""
+def _common_options() -> argparse.ArgumentParser:
+    """The options every command takes. Each command gets its own copy: argparse shares a parent's option
+    objects with every child, so one command's ``set_defaults(config=...)`` would become every command's."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--seed", type=int, default=None, help="one seed for synthesis, partitions, sampling, training")
     common.add_argument("--config", type=Path, default=None, help="TOML file under configs/ (sections as in Config)")
@@ -213,13 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=0)
     common.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
                         help="no progress bars, warnings only")
+    return common
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used by the tests and the README)."""
     parser = argparse.ArgumentParser(
         prog="fedsound", description="Federated sound event detection on FSD50K with Flower and Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Callable, help_: str, parent=sub) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, parents=[common], help=help_, description=help_)
+        p = parent.add_parser(name, parents=[_common_options()], help=help_, description=help_)
         p.set_defaults(handler=handler)
         return p
 

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from fl.cli import main
+from fl.cli import build_parser, main
+from fl.config import CONFIG_DIR
 
 COMMANDS = ["demo", "data", "train", "simulate", "evaluate", "sweep", "export", "enroll", "personalize",
             "listen", "bench"]
@@ -87,3 +88,14 @@ def test_bench_users_are_distinct_integers_and_only_bench_personalize_takes_them
     assert code == 1
     assert "--users: bench prep has no synthetic users" in capsys.readouterr().err
     assert not (tmp_path / "bench" / "prep").exists()
+
+
+def test_a_commands_default_config_stays_its_own(tmp_path) -> None:
+    parser = build_parser()
+    assert parser.parse_args(["sweep", "store.h5"]).config == CONFIG_DIR / "sweep" / "fsd_fed_grid.toml"
+    assert parser.parse_args(["personalize", "profile"]).config == CONFIG_DIR / "detector" / "personalize.toml"
+    for argv in (["bench", "train"], ["simulate", "store.h5"], ["listen", "profile"]):
+        assert parser.parse_args(argv).config is None, argv
+    out = tmp_path / "train.json"  # bench train refuses any --config, so a leaked default stops it
+    assert main(["bench", "train", "--quick", "-q", "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    assert out.is_file()
