@@ -29,7 +29,6 @@ of the head alone (smoke test; its figures mean little).
 
 from __future__ import annotations
 
-import platform
 import shutil
 import time
 from collections import Counter
@@ -66,7 +65,7 @@ from clients.tradeoff import (
     save_probabilities,
     tradeoff,
 )
-from fl.bench import write_json
+from fl.bench import machine_info, write_json
 from fl.config import CONFIG_DIR, Config, load_config, to_dict
 from fl.errors import ConfigError
 
@@ -325,8 +324,7 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
                                         "fine_tune_seconds": float(np.mean([r["fine_tune_seconds"] for r in runs])),
                                         **q.figures()}
     report = {
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine_info(),
         "threads": torch.get_num_threads(),
         "quick": quick,
         "global_model": origin,

@@ -20,7 +20,6 @@ Targets printed beside the figures: p99 compute per hop at most 1 ms, median det
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 from clients.postprocess import Event
 from clients.stream import StreamEngine, StreamingDetector, offline_probabilities, single_thread
-from fl.bench import write_json
+from fl.bench import machine_info, write_json
 from fl.config import DetectorConfig, FrontendConfig
 from fl.frontend import Frontend
 from fl.models import TCN, ModelConfig, build_model
@@ -253,8 +252,7 @@ def run_stream_bench(workdir: Path, quick: bool = False, out_json: Path | None =
     found = [r for r in records if r["latency_ms"] is not None]
     latencies = [r["latency_ms"] for r in found]
     report: dict[str, Any] = {
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine_info(),
         "threads": 1,
         "quick": quick,
         "frontend": {"sample_rate": rate, "n_fft": frontend.config.n_fft, "hop": frontend.config.hop_length,

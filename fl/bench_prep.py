@@ -18,7 +18,6 @@ Run: ``fedsound bench prep [--workdir DIR] [--quick] [--out bench.json]``.
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import shutil
 import time
@@ -30,7 +29,7 @@ import torch
 
 from data_prep.prep import prep
 from data_prep.synth import synthesize_corpus
-from fl.bench import write_json
+from fl.bench import machine_info, write_json
 from fl.config import FrontendConfig
 from fl.store import FeatureStore, iter_batches
 
@@ -125,8 +124,7 @@ def run_prep_bench(workdir: Path, quick: bool = False, out_json: Path | None = N
             "mb_per_audio_hour": figures["mb_per_audio_hour"] <= TARGETS["mb_per_audio_hour"],
             "patches_per_s": figures["patches_per_s"] >= TARGETS["patches_per_s"],
         },
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0]},
+        "machine": {**machine_info(), "load_avg_1m_before": load_before},
     }
     print(format_table(result))
     if out_json is not None:

@@ -22,7 +22,6 @@ Run: ``fedsound bench sim [--workdir DIR] [--quick] [--out bench.json]``.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import threading
 import time
@@ -36,7 +35,7 @@ import torch
 
 from data_prep.prep import prep
 from data_prep.synth import synthesize_corpus
-from fl.bench import write_json
+from fl.bench import machine_info, write_json
 from fl.config import Config, FrontendConfig, load_config
 from fl.rundir import RunDir
 from fl.runtime import configure_environment
@@ -262,8 +261,7 @@ def run_sim_bench(workdir: Path, quick: bool = False, out_json: Path | None = No
     configure_environment(workdir)
     store = bench_store(workdir, sizes, progress)
     report = {
-        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-        "load_average_1min_at_start": os.getloadavg()[0],  # other work on the machine skews every figure
+        "machine": machine_info(),  # its load average: other work on the machine skews every figure
         "sizes": asdict(sizes), "store": str(store),
         "scale": run_scale(store, workdir, sizes),  # first, while this process holds no earlier simulation
         "overhead": run_overhead(store, workdir, sizes),
@@ -279,8 +277,8 @@ def format_table(report: dict[str, Any]) -> str:
     over, scale = report["overhead"], report["scale"]
     lines = [
         f"federation of {over['federation']} clients, {over['patches_per_client']} patches each, "
-        f"{over['local_epochs']} local epoch(s); {report['cpus']} CPUs, load average "
-        f"{report['load_average_1min_at_start']:.1f} at start",
+        f"{over['local_epochs']} local epoch(s); {report['machine']['cpus']} CPUs, load average "
+        f"{report['machine']['load_avg_1m']:.1f} at start",
         f"{'clients/round':>13} {'slots':>5} {'round s':>8} {'train s/client':>14} {'eval s':>7} "
         f"{'framework':>9} {'round':>7} {'target':>7}",
     ]

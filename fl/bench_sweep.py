@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from typing import Any
 
 from data_prep.prep import prep
 from data_prep.synth import synthesize_corpus
-from fl.bench import write_json
+from fl.bench import machine_info, write_json
 from fl.config import CONFIG_DIR, FrontendConfig, apply_flat, load_config
 from fl.errors import DataError
 from fl.runtime import configure_environment
@@ -120,7 +119,7 @@ def run_sweep_bench(workdir: Path, quick: bool = False, out_json: Path | None = 
     sequential_seconds = sum(t["sequential_seconds"] for t in per_trial)
 
     figures = {
-        "machine": {"cpus": cpus, "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine_info(),
         "grid": {k: list(v) for k, v in config.sweep.grid.items()}, "trials": n_trials, "rounds": sizes.rounds,
         "corpus_clips": sizes.clips,
         "sweep": {"seconds": round(sweep_seconds, 2), "max_concurrent": max_concurrent,

@@ -14,7 +14,6 @@ Run: ``python -m fl.bench_train [--out bench.json] [--quick]``.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from fl.bench import write_json
+from fl.bench import machine_info, write_json
 from fl.models import ModelConfig, build_model
 
 N_MELS = 96
@@ -168,8 +167,7 @@ def run_train_bench(out_json: Path | None = None, quick: bool = False, progress:
             )
         results[name] = row
     report = {
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine_info(),
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "batch": batch,

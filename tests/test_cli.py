@@ -1,10 +1,16 @@
-"""The command line: every command of ARCHITECTURE.md is listed; unbuilt ones exit 2 without a traceback."""
+"""The command line: every command of ARCHITECTURE.md is listed; unbuilt ones exit 2 without a traceback; what
+the benchmarks record of the machine."""
 
+import json
+import os
+import platform
 import subprocess
 import sys
 
 import pytest
+import torch
 
+from fl.bench import cpu_model, machine_info
 from fl.cli import build_parser, main
 from fl.config import CONFIG_DIR
 
@@ -90,6 +96,19 @@ def test_bench_users_are_distinct_integers_and_only_bench_personalize_takes_them
     assert not (tmp_path / "bench" / "prep").exists()
 
 
+def test_bench_machine_names_the_cpu_model_and_falls_back_to_platform(tmp_path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\n"
+                       "processor\t: 1\nmodel name\t: AMD EPYC 7B13\n")
+    assert cpu_model(cpuinfo) == "AMD EPYC 7B13"
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 108.00\n\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n")
+    assert cpu_model(cpuinfo) == "Raspberry Pi 4 Model B Rev 1.4"
+    assert cpu_model(tmp_path / "missing") == (platform.processor() or platform.machine())
+    machine = json.loads(json.dumps(machine_info()))  # plain JSON data, as the benchmarks write it
+    assert machine["cpus"] == os.cpu_count() and machine["cpu"] == cpu_model()
+    assert (machine["gpu"] is not None) == torch.cuda.is_available()
+
+
 def test_a_commands_default_config_stays_its_own(tmp_path) -> None:
     parser = build_parser()
     assert parser.parse_args(["sweep", "store.h5"]).config == CONFIG_DIR / "sweep" / "fsd_fed_grid.toml"
@@ -98,4 +117,4 @@ def test_a_commands_default_config_stays_its_own(tmp_path) -> None:
         assert parser.parse_args(argv).config is None, argv
     out = tmp_path / "train.json"  # bench train refuses any --config, so a leaked default stops it
     assert main(["bench", "train", "--quick", "-q", "--workdir", str(tmp_path), "--out", str(out)]) == 0
-    assert out.is_file()
+    assert json.loads(out.read_text())["machine"]["cpu"] == cpu_model()
