@@ -77,6 +77,7 @@ from fl.models import TCN
 DEFAULT_SETTINGS = CONFIG_DIR / "detector" / "personalize.toml"
 THRESHOLD_GRID = tuple(round(0.05 * k, 2) for k in range(1, 19))  # above 0.9 quiet takes in loud rooms are lost
 VALIDATION_GAP_S = (1.0, 2.5)  # background between held-out takes in the validation stream
+ON_SEARCH_S = 0.6  # a held-out take counts towards its sound's off threshold if it reaches on this soon
 
 
 class PersonalizeError(FedsoundError):
@@ -438,12 +439,49 @@ def min_durations(segment_s: Mapping[str, Sequence[float]], settings: Personaliz
     return out
 
 
+def held_levels(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[str], on: Sequence[float],
+                durations: Mapping[str, float], frame_s: float) -> list[float | None]:
+    """Per sound: the lowest probability that any of its held-out takes kept over its minimum duration after
+    first reaching its on-threshold (within ``ON_SEARCH_S`` of the take's onset); None if none reached it."""
+    levels: list[float | None] = []
+    for k, name in enumerate(sounds):
+        hold = max(1, int(round(durations[name] / 1000.0 / frame_s)))
+        search = int(round(ON_SEARCH_S / frame_s))
+        kept = []
+        for sound, onset_s in stream.reference:
+            if sound != name:
+                continue
+            start = int(round(onset_s / frame_s))
+            reached = np.flatnonzero(probs[start : start + search, k] >= on[k])
+            if len(reached):
+                first = start + int(reached[0])
+                kept.append(float(probs[first : first + hold, k].min()))
+        levels.append(min(kept) if kept else None)
+    return levels
+
+
+def off_thresholds(on: Sequence[float], levels: Sequence[float | None], settings: PersonalizeConfig) -> list[float]:
+    """Each sound's off threshold: ``on x off-ratio``, raised towards the level its held-out takes kept while
+    holding (:func:`held_levels`) less ``off-margin``, never above on. A sound whose takes stay high while they
+    hold (a pop) then ends a candidate that dips below that, as a plosive in babble does; one whose probability
+    decays (a click) keeps the ratio."""
+    out = []
+    for threshold, level in zip(on, levels, strict=True):
+        off = threshold * settings.off_ratio
+        if level is not None:
+            off = min(threshold, max(off, level - settings.off_margin))
+        out.append(float(max(0.01, round(off, 4))))
+    return out
+
+
 def detector_settings(sounds: Sequence[str], on: Sequence[float], settings: PersonalizeConfig,
-                      base: DetectorConfig, durations: Mapping[str, float]) -> DetectorConfig:
-    """The personal detector's post-processing: per-sound thresholds and minimum durations (``durations``,
-    from :func:`min_durations`), onset dating (``onset-at-rise``, ``rise-threshold``), refractory time."""
-    pairs = {name: [float(t), float(max(0.01, round(t * settings.off_ratio, 4)))] for name, t in zip(
-        sounds, on, strict=True)}
+                      base: DetectorConfig, durations: Mapping[str, float],
+                      off: Sequence[float] | None = None) -> DetectorConfig:
+    """The personal detector's post-processing: per-sound thresholds (``off`` default: on x ``off-ratio``) and
+    minimum durations (``durations``, from :func:`min_durations`), onset dating (``onset-at-rise``,
+    ``rise-threshold``), refractory time."""
+    off = off_thresholds(on, [None] * len(on), settings) if off is None else off
+    pairs = {name: [float(t), float(o)] for name, t, o in zip(sounds, on, off, strict=True)}
     return dataclasses.replace(base, class_thresholds=pairs, min_duration_ms=settings.min_duration_ms,
                                class_min_duration_ms=dict(durations), onset_at_rise=settings.onset_at_rise,
                                rise_threshold=settings.rise_threshold,
@@ -479,13 +517,16 @@ def evaluate_held_out(probs: np.ndarray, stream: ValidationStream, sounds: Seque
 
 def _held_out_f1(model: TCN, stream: ValidationStream, data: PersonalData, settings: PersonalizeConfig,
                  base: DetectorConfig, durations: Mapping[str, float]
-                 ) -> tuple[float, list[float], dict[str, EventCounts], float]:
-    """(mean F1 over sounds, thresholds, counts, false triggers per hour) of a model with its own thresholds."""
+                 ) -> tuple[float, DetectorConfig, dict[str, EventCounts], float]:
+    """(mean F1 over sounds, detector settings, counts, false triggers per hour) of a model with its own
+    thresholds: on-thresholds from :func:`pick_thresholds`, then off-thresholds from :func:`off_thresholds`."""
     probs = stream_probabilities(sound_model(model), stream.frames)
     thresholds = pick_thresholds(probs, stream, data.sounds, settings, base, data.frame_s, durations)
-    detector = detector_settings(data.sounds, thresholds, settings, base, durations)
+    levels = held_levels(probs, stream, data.sounds, thresholds, durations, data.frame_s)
+    detector = detector_settings(data.sounds, thresholds, settings, base, durations,
+                                 off_thresholds(thresholds, levels, settings))
     counts, per_hour = evaluate_held_out(probs, stream, data.sounds, detector, data.frame_s)
-    return float(np.mean([counts[s].f1 for s in data.sounds])), thresholds, counts, per_hour
+    return float(np.mean([counts[s].f1 for s in data.sounds])), detector, counts, per_hour
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -527,8 +568,7 @@ def personalize(profile: Path, bundle: Path | None, config: Config, progress: bo
     train_started = time.perf_counter()
     loss = fine_tune(model, data, settings, config.seed, progress, teacher=base.model)
     train_seconds = time.perf_counter() - train_started
-    f1, thresholds, counts, per_hour = _held_out_f1(model, stream, data, settings, base.detector, durations)
-    detector = detector_settings(data.sounds, thresholds, settings, base.detector, durations)
+    f1, detector, counts, per_hour = _held_out_f1(model, stream, data, settings, base.detector, durations)
     provenance = {"base_bundle": str(base.path.resolve()), "base_manifest_sha256": base.manifest["manifest_sha256"],
                   "personalize": to_dict(settings), "seed": config.seed, "examples": data.counts}
     write_bundle(store.personal_dir, sound_model(model), base.frontend_config, data.sounds,

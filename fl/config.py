@@ -254,7 +254,10 @@ class PersonalizeConfig:
     bundle_share: float = 0.5  # share of aggressor frames taken from the bundle's patches (rest: the user's)
     min_examples: int = 5  # enrollment examples needed per sound
     holdout_fraction: float = 0.3
-    off_ratio: float = 0.9  # off-threshold = on x this: a candidate must stay near on while it holds
+    off_ratio: float = 0.9  # off-threshold = on x this: a candidate must stay near on while it holds ...
+    # ... or higher: up to the lowest level the sound's held-out takes kept while they held, less this margin
+    # (never above on; 1 = on x off-ratio alone)
+    off_margin: float = 0.02
     threshold_tolerance: float = 0.1  # the highest on-threshold whose held-out F1 is this close to the best
     min_duration_ms: float = 150.0  # a sound must hold this long: speech's nasals and fricatives do not
     # a sustained sound must hold this share of its short enrolled examples (their 20th percentile) ...
@@ -286,6 +289,7 @@ class PersonalizeConfig:
             (self.min_examples >= 2, "min-examples", "must be at least 2 (one to train, one held out)"),
             (0 < self.holdout_fraction < 1, "holdout-fraction", "must be in (0, 1)"),
             (0 < self.off_ratio <= 1, "off-ratio", "must be in (0, 1]"),
+            (0 <= self.off_margin <= 1, "off-margin", "must be in [0, 1]"),
             (0 <= self.threshold_tolerance < 1, "threshold-tolerance", "must be in [0, 1)"),
             (self.min_duration_ms >= 0, "min-duration-ms", "must be non-negative"),
             (0 <= self.min_duration_fraction <= 1, "min-duration-fraction", "must be in [0, 1]"),

@@ -19,13 +19,16 @@ from clients.personalize import (
     PersonalData,
     PersonalizeConfig,
     PersonalizeError,
+    ValidationStream,
     detector_settings,
     fine_tune,
+    held_levels,
     label_take,
     load_personalize_config,
     make_batch,
     min_durations,
     new_head_model,
+    off_thresholds,
     personalize,
     prepare_data,
     sound_model,
@@ -263,6 +266,31 @@ def test_personal_detector_takes_thresholds_holds_and_onset_dating_from_the_sett
     assert detector.class_min_duration_ms == {"pop": 150.0, "hum": 400.0}
     assert (detector.onset_at_rise, detector.rise_threshold, detector.refractory_ms) == (True, 0.3, 250.0)
 
+
+def test_off_thresholds_rise_to_what_the_held_out_takes_kept_while_holding():
+    frame_s = 0.01
+    probs = np.full((800, 3), 0.05, np.float32)
+    probs[105:140, 0] = 0.99  # pop take at 1.0 s: reaches 0.9 at frame 105, keeps >= 0.96 for its 15-frame hold
+    probs[110:114, 0] = 0.96
+    probs[305:340, 0] = 0.97  # second pop take: lowest over its hold 0.95
+    probs[310, 0] = 0.95
+    probs[505:515, 1] = 0.95  # click take: decays to 0.7 within its hold
+    probs[515:530, 1] = 0.7
+    probs[705:740, 2] = 0.5  # hum take never reaches its on-threshold
+    probs[200:220, 0] = 0.99  # a pop-like burst on no take is not looked at
+    stream = ValidationStream(np.zeros((800, 64), np.float32), [("pop", 1.0), ("pop", 3.0), ("click", 5.0),
+                                                                 ("hum", 7.0)], [])
+    sounds, on = ["pop", "click", "hum"], [0.9, 0.9, 0.9]
+    durations = {"pop": 150.0, "click": 150.0, "hum": 400.0}
+    levels = held_levels(probs, stream, sounds, on, durations, frame_s)
+    assert levels == [pytest.approx(0.95), pytest.approx(0.7), None]
+    settings = PersonalizeConfig(off_ratio=0.9, off_margin=0.02)
+    assert off_thresholds(on, levels, settings) == [0.9, 0.81, 0.81]  # never above on; click and hum keep on x ratio
+    assert off_thresholds(on, [0.86, None, None], settings) == [0.84, 0.81, 0.81]
+    assert off_thresholds(on, levels, dataclasses.replace(settings, off_margin=1.0)) == [0.81] * 3
+    off = off_thresholds(on, levels, settings)
+    detector = detector_settings(sounds, on, settings, DetectorConfig(), durations, off)
+    assert detector.class_thresholds == {"pop": [0.9, 0.9], "click": [0.9, 0.81], "hum": [0.9, 0.81]}
 
 def test_bench_pools_users_by_summing_counts_and_hours():
     from clients.bench_personalize import Quality
