@@ -28,7 +28,10 @@ runs over it, and for each sound the on-threshold (a grid from 0.05 to 0.9; off 
 a candidate must stay near on while it holds its minimum duration, and aggressors that only brush on, as a
 plosive in babble, dip below that before they have held) is the highest whose event-level F1 with the
 detector's own post-processing (onset collar 100 ms; detections on background count as false positives) is
-within ``threshold-tolerance`` of the best. The held-out material is small (three takes of a sound, a minute or
+within ``threshold-tolerance`` of the best. Each sound's off threshold then rises from on x ``off-ratio`` towards
+the lowest level its held-out takes kept while they held their minimum duration, less ``off-margin`` (never above
+on): a pop whose takes stay near 1 ends a candidate that dips below on, while a click whose probability decays
+during its hold keeps the ratio. The held-out material is small (three takes of a sound, a minute or
 two of background): it shows whether a threshold loses a take but cannot measure false triggers at a rate of
 one an hour, so of the thresholds that lose nothing the highest is taken (with 3 to 5 held-out takes, one lost
 take costs more than 0.1 of F1). The report gives each sound's held-out precision and recall at that threshold,
