@@ -71,7 +71,7 @@ from tqdm import tqdm
 
 from clients.bundle import Bundle, load_bundle, write_bundle
 from clients.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
-from clients.postprocess import EventTracker
+from clients.postprocess import EventTracker, min_duration_frames, to_frames
 from clients.profile import Profile, make_private_tree
 from fl.config import CONFIG_DIR, Config, DetectorConfig, PersonalizeConfig, load_config, to_dict
 from fl.errors import FedsoundError
@@ -446,10 +446,10 @@ def held_levels(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[st
                 durations: Mapping[str, float], frame_s: float) -> list[float | None]:
     """Per sound: the lowest probability that any of its held-out takes kept over its minimum duration after
     first reaching its on-threshold (within ``ON_SEARCH_S`` of the take's onset); None if none reached it."""
+    search = to_frames(1000.0 * ON_SEARCH_S, frame_s)
     levels: list[float | None] = []
     for k, name in enumerate(sounds):
-        hold = max(1, int(round(durations[name] / 1000.0 / frame_s)))
-        search = int(round(ON_SEARCH_S / frame_s))
+        hold = min_duration_frames(durations[name], frame_s)  # as the detector counts it
         kept = []
         for sound, onset_s in stream.reference:
             if sound != name:

@@ -249,6 +249,7 @@ def test_settings_file(tmp_path):
                           ("lr = true", "personalize.lr: expected a number"),
                           ("head-warmup-steps = -1", "personalize.head-warmup-steps: must be non-negative"),
                           ("distill-weight = -0.5", "personalize.distill-weight: must be non-negative"),
+                          ("off-margin = 1.5", r"personalize.off-margin: must be in \[0, 1\]"),
                           ("rise-threshold = 0", r"personalize.rise-threshold: must be in \(0, 1\]")):
         path.write_text(f"[personalize]\n{body}\n")
         with pytest.raises(ConfigError, match=f"{path}: {message}"):
