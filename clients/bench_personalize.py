@@ -1,12 +1,13 @@
 """``fedsound bench personalize``: detection quality after private fine-tuning, and the fine-tuning time.
 
 1. Global model. ``WORKDIR/global-bundle`` when it exists; otherwise it is made here, as a federation of
-   many users would make it: a synthetic corpus of 80 voices, each with takes of the five mouth sounds and
-   clips of its background (:mod:`data_prep.mouth_corpus`, in FSD50K's layout, one uploader per voice), a
-   feature store with the Lea et al. frontend (``configs/features/lea16k.toml``: 16 kHz, 64 bands, 10 ms
-   hop; ``data prep``), a TCN trained centrally on it (``train``, standing in for the federated run) and
-   exported with background patches of those voices (``export --exclude-labels`` the five sounds).
-2. Synthetic users (``USER_SEEDS``, four, or those of ``--users``; their voices are not among the 80): each
+   many users would make it: a synthetic corpus of ``data_prep.mouth_corpus.VOICES`` voices (960), each with
+   takes of the five mouth sounds and clips of its background (:mod:`data_prep.mouth_corpus`, in FSD50K's
+   layout, one uploader per voice; deleted once its features are stored), a feature store with the Lea et al.
+   frontend (``configs/features/lea16k.toml``: 16 kHz, 64 bands, 10 ms hop; ``data prep``), a TCN trained
+   centrally on it (``train``, standing in for the federated run) and exported with background patches of
+   those voices (``export --exclude-labels`` the five sounds).
+2. Synthetic users (``USER_SEEDS``, four, or those of ``--users``; their voices are not in the corpus): each
    enrolls 10 takes of each of the five mouth sounds and three minutes of background (six 30 s takes of their
    room with its noises, sometimes a television, and their own speech) through :func:`clients.enroll.enroll` from
    WAV files; a second profile holds the first 5 takes of each sound and the same background.
@@ -65,6 +66,7 @@ from clients.tradeoff import (
     save_probabilities,
     tradeoff,
 )
+from data_prep.mouth_corpus import BACKGROUND_CLIPS, TAKES_PER_SOUND, VOICES, synthesize_mouth_corpus
 from fl.bench import machine_info, write_json
 from fl.config import CONFIG_DIR, Config, load_config, to_dict
 from fl.errors import ConfigError
@@ -85,8 +87,9 @@ def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
         return {"voices": 10, "takes_per_sound": 1, "background_clips": 1, "epochs": 1, "events_per_sound": 6,
                 "aggressor_s": 120.0, "background_takes": 2, "steps": 200, "users": 1}
-    return {"voices": 80, "takes_per_sound": 2, "background_clips": 4, "epochs": 10, "events_per_sound": 40,
-            "aggressor_s": 3600.0, "background_takes": 6, "steps": None, "users": None}
+    return {"voices": VOICES, "takes_per_sound": TAKES_PER_SOUND, "background_clips": BACKGROUND_CLIPS,
+            "epochs": 10, "events_per_sound": 40, "aggressor_s": 3600.0, "background_takes": 6, "steps": None,
+            "users": None}
 
 
 def global_bundle(workdir: Path, quick: bool, seed: int, progress: bool) -> tuple[Path, str]:
@@ -96,7 +99,6 @@ def global_bundle(workdir: Path, quick: bool, seed: int, progress: bool) -> tupl
     if (bundle / "bundle.json").is_file():
         sha = load_bundle(bundle).manifest["manifest_sha256"]
         return bundle, f"existing bundle {bundle} (manifest sha256 {sha})"
-    from data_prep.mouth_corpus import synthesize_mouth_corpus
     from data_prep.prep import prep
     from fl.train import train_central
 
@@ -109,6 +111,7 @@ def global_bundle(workdir: Path, quick: bool, seed: int, progress: bool) -> tupl
     synthesize_mouth_corpus(corpus, n_voices=sizes["voices"], takes_per_sound=sizes["takes_per_sound"],
                             background_clips=sizes["background_clips"], seed=seed, progress=progress)
     prep(corpus, store, config.frontend, workers=2, progress=progress)
+    shutil.rmtree(corpus)  # gigabytes of WAV; the feature store holds what training reads
     run = workdir / "global-run"
     shutil.rmtree(run, ignore_errors=True)
     result = train_central(store, config, run, progress=progress)

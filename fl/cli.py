@@ -55,8 +55,9 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_data_mouth_sounds(args: argparse.Namespace) -> int:
     from data_prep.mouth_corpus import synthesize_mouth_corpus
 
-    out = synthesize_mouth_corpus(Path(args.out), n_voices=args.voices, takes_per_sound=args.takes,
-                                  background_clips=args.background, seed=args.seed or 0, progress=_progress(args))
+    given = {"n_voices": args.voices, "takes_per_sound": args.takes, "background_clips": args.background}
+    out = synthesize_mouth_corpus(Path(args.out), seed=args.seed or 0, progress=_progress(args),
+                                  **{name: value for name, value in given.items() if value is not None})
     print(f"synthetic mouth-sound corpus (FSD50K layout, one uploader per voice): {out}")
     return 0
 
@@ -240,9 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=10)
     p = add("mouth-sounds", cmd_data_mouth_sounds, "write a many-voice mouth-sound corpus in FSD50K's layout", dsub)
     p.add_argument("out")
-    p.add_argument("--voices", type=int, default=80, help="voices (uploaders); one in ten each to val and eval")
-    p.add_argument("--takes", type=int, default=2, help="takes of each mouth sound per voice")
-    p.add_argument("--background", type=int, default=4, help="4 s background clips per voice")
+    p.add_argument("--voices", type=int, help="voices (uploaders; default: the benchmark global model's corpus); "
+                   "one in ten each to val and eval")
+    p.add_argument("--takes", type=int, help="takes of each mouth sound per voice (default: as --voices)")
+    p.add_argument("--background", type=int, help="4 s background clips per voice (default: as --voices)")
     p = add("download", cmd_data_download, "fetch FSD50K (resumable, md5-checked), join split zips, extract", dsub)
     p.add_argument("out")
     p.add_argument("--parts", default="dev,eval,meta", help="comma-separated: dev, eval, meta")

@@ -329,6 +329,8 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool(tmp_path, capsys
 
     report = run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12))
     assert list(report["users"]) == ["11"]  # quick runs the first user only
+    # the global model's corpus WAVs are gone once prepared; the feature store it was trained on stays
+    assert not (tmp_path / "mouth-corpus").exists() and (tmp_path / "store" / "store.h5").is_file()
     written = json.loads((tmp_path / "personalize.json").read_text())["results"]
     assert {k: v["per_sound"] for k, v in written.items()} == {k: v["per_sound"] for k, v in report["results"].items()}
     (seed, user), = report["users"].items()
