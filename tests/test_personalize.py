@@ -293,6 +293,7 @@ def test_off_thresholds_rise_to_what_the_held_out_takes_kept_while_holding():
     detector = detector_settings(sounds, on, settings, DetectorConfig(), durations, off)
     assert detector.class_thresholds == {"pop": [0.9, 0.9], "click": [0.9, 0.81], "hum": [0.9, 0.81]}
 
+
 def test_bench_pools_users_by_summing_counts_and_hours():
     from clients.bench_personalize import Quality
     from clients.event_metrics import EventCounts
