@@ -15,16 +15,18 @@ because a few minutes of enrolled background cannot show every level a room will
 ``aggressor-overlay-probability`` a second aggressor piece is mixed over an aggressor piece (-10 to 0 dB under
 it): a few minutes of material then give many more combinations (the user talking over the television, a fan
 under someone else's voice), and the model meets fewer aggressors at test time that it has never seen. Frame
-targets come from the enrollment energy labels with the segment boundaries inflated by half the receptive field
-(``inflate-frames``): the label is extended past the offset, where the sound is still inside the causal
-receptive field, and the frames before the onset, which a causal model cannot tell from silence, are left
-out of the loss. ``adapt`` chooses which weights change: ``head``, ``last-block``
+targets come from the enrollment energy labels with the segment boundaries inflated (``inflate-frames``;
+default: the receptive field less one frame): the label is extended past the offset for as long as the sound
+is still inside the causal receptive field, and the frames before the onset, which a causal model cannot tell
+from silence, are left out of the loss. A true sound's probability then stays high for about the receptive
+field, long enough for the detector to ask for a longer hold (``min-duration-ms``) than aggressors that resemble
+a sound for a moment keep. ``adapt`` chooses which weights change: ``head``, ``last-block``
 (the last residual block, the output norm and the head) or ``all``; ``head-warmup-steps`` first trains the new
 head alone (LP-FT), so that the body moves less from the global model.
 
 Thresholds: a part of each sound's takes (``holdout-fraction``, at least one) and of the background is held
 out. They are laid out as one validation stream (takes between stretches of background), the fine-tuned model
-runs over it, and for each sound the on-threshold (a grid from 0.05 to 0.9; off = on times ``off-ratio``, 0.9:
+runs over it, and for each sound the on-threshold (a grid from 0.05 to 0.98; off = on times ``off-ratio``, 0.9:
 a candidate must stay near on while it holds its minimum duration, and aggressors that only brush on, as a
 plosive in babble, dip below that before they have held) is the highest whose event-level F1 with the
 detector's own post-processing (onset collar 100 ms; detections on background count as false positives) is
@@ -39,11 +41,12 @@ the false triggers per hour on the held-out background, the same F1 for the untu
 
 The personal detector's post-processing keeps the global bundle's settings except the per-sound thresholds,
 the per-sound minimum durations, ``onset-at-rise``, ``rise-threshold`` and ``refractory-ms``. Every sound must
-hold at least ``min-duration-ms`` (150 ms lets the detector wait until a speech plosive or click-like transient has gone
-on into the next phoneme); a sustained sound must also hold ``min-duration-fraction`` of its short enrolled
-examples (their 20th percentile), up to ``max-min-duration-ms``: a hum enrolled at 0.3-0.9 s waits about
-0.4 s, longer than most runs of voiced speech that the model takes for a hum (a nasal, 50-140 ms, into a
-vowel). With ``onset-at-rise`` an event's onset is where its probability began to rise (above
+hold at least ``min-duration-ms`` (250 ms lets the detector wait until a speech plosive or click-like transient
+has gone on into the next phoneme; the inflated labels keep a true click or pop high for about 300 ms); a
+sustained sound must also hold ``min-duration-fraction`` of its short enrolled examples (their 20th
+percentile), up to ``max-min-duration-ms``: a hum enrolled at 0.3-0.9 s waits 0.4-0.5 s, longer than most runs
+of voiced speech that the model takes for a hum (a nasal, 50-140 ms, into a vowel). With ``onset-at-rise`` an
+event's onset is where its probability began to rise (above
 ``rise-threshold``, 0.2, or the off threshold where that is lower; at most the detector's ``max-rise-ms``,
 300 ms, before it reached on), so a sound recognised only after a while is still dated from its start (a hiss
 or hum whose probability takes 150 ms to climb from 0.2 to the off threshold would otherwise be dated outside
@@ -78,7 +81,7 @@ from fl.errors import FedsoundError
 from fl.models import TCN
 
 DEFAULT_SETTINGS = CONFIG_DIR / "detector" / "personalize.toml"
-THRESHOLD_GRID = tuple(round(0.05 * k, 2) for k in range(1, 19))  # above 0.9 quiet takes in loud rooms are lost
+THRESHOLD_GRID = (*(round(0.05 * k, 2) for k in range(1, 20)), 0.98)
 VALIDATION_GAP_S = (1.0, 2.5)  # background between held-out takes in the validation stream
 ON_SEARCH_S = 0.6  # a held-out take counts towards its sound's off threshold if it reaches on this soon
 
@@ -160,7 +163,7 @@ def prepare_data(profile: Profile, bundle: Bundle, settings: PersonalizeConfig, 
     sounds = check_examples(profile, settings.min_examples)
     frontend = bundle.frontend()
     frame_s = bundle.frontend_config.frame_s
-    inflate = bundle.receptive_field // 2 if settings.inflate_frames < 0 else settings.inflate_frames
+    inflate = bundle.receptive_field - 1 if settings.inflate_frames < 0 else settings.inflate_frames
     rng = np.random.default_rng([seed, 1])
     train, held_out, counts, segment_s = [], [], {}, {}
     for k, name in enumerate(sounds):

@@ -244,7 +244,7 @@ class PersonalizeConfig:
     batch_size: int = 16
     sequence_frames: int = 400
     lr: float = 2e-3
-    inflate_frames: int = -1  # -1: half the receptive field
+    inflate_frames: int = -1  # -1: the receptive field less one frame (while the sound is inside it)
     positive_weight: float = 2.0  # BCE weight of sound frames (they are rarer than background frames)
     gain_db: float = 6.0  # random gain of each sound piece, +-
     aggressor_gain_db: tuple[float, ...] = (-6.0, 20.0)  # random gain of each aggressor piece: rooms get louder
@@ -259,10 +259,10 @@ class PersonalizeConfig:
     # (never above on; 1 = on x off-ratio alone)
     off_margin: float = 0.02
     threshold_tolerance: float = 0.1  # the highest on-threshold whose held-out F1 is this close to the best
-    min_duration_ms: float = 150.0  # a sound must hold this long: speech's nasals and fricatives do not
+    min_duration_ms: float = 250.0  # a sound must hold this long: speech's nasals and fricatives do not
     # a sustained sound must hold this share of its short enrolled examples (their 20th percentile) ...
     min_duration_fraction: float = 1.0
-    max_min_duration_ms: float = 400.0  # ... but never longer than this
+    max_min_duration_ms: float = 500.0  # ... but never longer than this
     onset_at_rise: bool = True  # the detector's onset-at-rise (clients/postprocess.py)
     rise_threshold: float = 0.2  # the detector's rise-threshold: the onset is dated from the run above it
     refractory_ms: float = 300.0
@@ -276,7 +276,7 @@ class PersonalizeConfig:
             (self.batch_size >= 1, "batch-size", "must be at least 1"),
             (self.sequence_frames >= 50, "sequence-frames", "must be at least 50"),
             (0 < self.lr < 1, "lr", "must be in (0, 1)"),
-            (self.inflate_frames >= -1, "inflate-frames", "must be -1 (half the receptive field) or >= 0"),
+            (self.inflate_frames >= -1, "inflate-frames", "must be -1 (the receptive field less one) or >= 0"),
             (self.positive_weight > 0, "positive-weight", "must be positive"),
             (self.gain_db >= 0, "gain-db", "must be non-negative"),
             (len(self.aggressor_gain_db) == 2 and self.aggressor_gain_db[0] <= self.aggressor_gain_db[1],
