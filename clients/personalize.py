@@ -43,11 +43,11 @@ The personal detector's post-processing keeps the global bundle's settings excep
 the per-sound minimum durations, ``onset-at-rise``, ``rise-threshold`` and ``refractory-ms``. Every sound must
 hold at least ``min-duration-ms`` (250 ms lets the detector wait until a speech plosive or click-like transient
 has gone on into the next phoneme; the inflated labels keep a true click or pop high for about 300 ms); a
-sustained sound must also hold ``min-duration-fraction`` of its short enrolled examples (their 20th
-percentile), up to ``max-min-duration-ms``: a hum enrolled at 0.3-0.9 s waits 0.4-0.5 s, longer than most runs
-of voiced speech that the model takes for a hum (a nasal, 50-140 ms, into a vowel). With ``onset-at-rise`` an
-event's onset is where its probability began to rise (above
-``rise-threshold``, 0.2, or the off threshold where that is lower; at most the detector's ``max-rise-ms``,
+sustained sound must also hold ``min-duration-fraction`` (1.25) times its short enrolled examples (their 20th
+percentile; it stays high for about the receptive field past its end), up to ``max-min-duration-ms``: a hum
+enrolled at 0.3-0.9 s waits 0.5 s, longer than most runs of voiced speech that the model takes for a hum (a
+nasal, 50-140 ms, into a vowel). With ``onset-at-rise`` an event's onset is where its probability began to rise
+(above ``rise-threshold``, 0.2, or the off threshold where that is lower; at most the detector's ``max-rise-ms``,
 300 ms, before it reached on), so a sound recognised only after a while is still dated from its start (a hiss
 or hum whose probability takes 150 ms to climb from 0.2 to the off threshold would otherwise be dated outside
 the 100 ms onset collar); the trigger comes when the event is confirmed (the detection latency).
@@ -434,9 +434,9 @@ def detect_onsets(probs: np.ndarray, labels: Sequence[str], settings: DetectorCo
 
 
 def min_durations(segment_s: Mapping[str, Sequence[float]], settings: PersonalizeConfig) -> dict[str, float]:
-    """Per sound, how long it must hold before it triggers: ``min-duration-fraction`` of the 20th percentile of
-    its enrolled lengths, between ``min-duration-ms`` and ``max-min-duration-ms``. A hum enrolled at 0.3-0.9 s
-    waits about 0.4 s; pops and clicks keep ``min-duration-ms``."""
+    """Per sound, how long it must hold before it triggers: ``min-duration-fraction`` times the 20th percentile
+    of its enrolled lengths, between ``min-duration-ms`` and ``max-min-duration-ms``. A hum enrolled at 0.3-0.9 s
+    waits 0.5 s; pops and clicks keep ``min-duration-ms``."""
     out = {}
     for name, lengths in segment_s.items():
         typical_ms = 1000.0 * float(np.percentile(lengths, 20)) if len(lengths) else 0.0

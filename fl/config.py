@@ -260,8 +260,9 @@ class PersonalizeConfig:
     off_margin: float = 0.02
     threshold_tolerance: float = 0.1  # the highest on-threshold whose held-out F1 is this close to the best
     min_duration_ms: float = 250.0  # a sound must hold this long: speech's nasals and fricatives do not
-    # a sustained sound must hold this share of its short enrolled examples (their 20th percentile) ...
-    min_duration_fraction: float = 1.0
+    # a sustained sound must hold this multiple of its short enrolled examples' length (their 20th percentile;
+    # the inflated labels keep a true sound high for about the receptive field past its end) ...
+    min_duration_fraction: float = 1.25
     max_min_duration_ms: float = 500.0  # ... but never longer than this
     onset_at_rise: bool = True  # the detector's onset-at-rise (clients/postprocess.py)
     rise_threshold: float = 0.2  # the detector's rise-threshold: the onset is dated from the run above it
@@ -292,7 +293,7 @@ class PersonalizeConfig:
             (0 <= self.off_margin <= 1, "off-margin", "must be in [0, 1]"),
             (0 <= self.threshold_tolerance < 1, "threshold-tolerance", "must be in [0, 1)"),
             (self.min_duration_ms >= 0, "min-duration-ms", "must be non-negative"),
-            (0 <= self.min_duration_fraction <= 1, "min-duration-fraction", "must be in [0, 1]"),
+            (0 <= self.min_duration_fraction <= 2, "min-duration-fraction", "must be in [0, 2]"),
             (self.max_min_duration_ms >= self.min_duration_ms, "max-min-duration-ms",
              "must be at least min-duration-ms"),
             (0 < self.rise_threshold <= 1, "rise-threshold", "must be in (0, 1]"),
