@@ -122,6 +122,17 @@ def test_personal_bundle_is_private_and_found_by_listen(offline_run):
     assert again["base_bundle"] == str(offline_run["bundle"].resolve())
 
 
+def test_labels_are_inflated_by_the_receptive_field_less_one_by_default(offline_run):
+    base = load_bundle(offline_run["bundle"])
+    profile = Profile.load(offline_run["profile"])
+    default = prepare_data(profile, base, SMALL, 0)
+    assert SMALL.inflate_frames == -1 and default.inflate == base.receptive_field - 1
+    short = prepare_data(profile, base, dataclasses.replace(SMALL, inflate_frames=2), 0)
+    assert short.inflate == 2
+    positives = [sum(int((take.classes > 0).sum()) for take in data.train) for data in (default, short)]
+    assert positives[0] > positives[1]
+
+
 def test_adapt_modes_change_only_their_layers(offline_run):
     base = load_bundle(offline_run["bundle"])
     data = prepare_data(Profile.load(offline_run["profile"]), base, SMALL, 0)
