@@ -81,7 +81,7 @@ from fl.errors import FedsoundError
 from fl.models import TCN
 
 DEFAULT_SETTINGS = CONFIG_DIR / "detector" / "personalize.toml"
-THRESHOLD_GRID = (*(round(0.05 * k, 2) for k in range(1, 20)), 0.98)
+THRESHOLD_GRID = (*(round(0.05 * k, 2) for k in range(1, 20)), 0.98)  # a grid to 0.99 picked 0.99 and lost recall
 VALIDATION_GAP_S = (1.0, 2.5)  # background between held-out takes in the validation stream
 ON_SEARCH_S = 0.6  # a held-out take counts towards its sound's off threshold if it reaches on this soon
 
