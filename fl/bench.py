@@ -24,17 +24,22 @@ BENCHES = {
 
 
 def run_bench(what: str, workdir: Path, quick: bool = False, out: Path | None = None, config: Path | None = None,
-              progress: bool = True, users: list[int] | None = None) -> int:
+              progress: bool = True, users: list[int] | None = None, aggressor_hours: float | None = None) -> int:
     """Run one benchmark into ``workdir/bench/WHAT``. ``config``: a TOML file whose ``[personalize]`` table
     bench personalize fine-tunes with; ``users``: the synthetic users' seeds bench personalize runs (default
-    its own four); the other benchmarks have fixed settings and refuse both. ``progress``: progress bars on
-    the long steps."""
+    its own four); ``aggressor_hours``: hours of aggressor-only audio per user (default 1); the other
+    benchmarks have fixed settings and refuse all three. ``progress``: progress bars on the long steps."""
     module_name, function = BENCHES[what]
     options = {}
     if users is not None:
         if what != "personalize":
             raise ConfigError(f"--users: bench {what} has no synthetic users; only bench personalize takes them")
         options["user_seeds"] = users
+    if aggressor_hours is not None:
+        if what != "personalize":
+            raise ConfigError(f"--aggressor-hours: bench {what} has no aggressor audio; only bench personalize "
+                              f"takes it")
+        options["aggressor_hours"] = aggressor_hours
     if config is not None:
         if what != "personalize":
             raise ConfigError(f"--config: bench {what} has fixed settings; only bench personalize reads a config "

@@ -85,7 +85,7 @@ def test_bench_personalize_reads_the_config_and_other_benches_refuse_one(tmp_pat
     assert not (tmp_path / "bench" / "sim").exists()
 
 
-def test_bench_users_are_distinct_integers_and_only_bench_personalize_takes_them(tmp_path, capsys) -> None:
+def test_bench_users_and_aggressor_hours_are_checked_and_only_bench_personalize_takes_them(tmp_path, capsys) -> None:
     for bad in ("11,x", "11,11", "-3"):
         with pytest.raises(SystemExit):
             main(["bench", "personalize", "--users", bad, "--workdir", str(tmp_path), "-q"])
@@ -94,6 +94,14 @@ def test_bench_users_are_distinct_integers_and_only_bench_personalize_takes_them
     assert code == 1
     assert "--users: bench prep has no synthetic users" in capsys.readouterr().err
     assert not (tmp_path / "bench" / "prep").exists()
+    code = main(["bench", "stream", "--aggressor-hours", "2", "--workdir", str(tmp_path), "-q"])
+    assert code == 1
+    assert "--aggressor-hours: bench stream has no aggressor audio" in capsys.readouterr().err
+    assert not (tmp_path / "bench" / "stream").exists()
+    code = main(["bench", "personalize", "--aggressor-hours", "0", "--workdir", str(tmp_path), "-q"])
+    assert code == 1
+    assert "aggressor-hours: must be in (0, 1000], got 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "bench" / "personalize").exists()
 
 
 def test_bench_machine_names_the_cpu_model_and_falls_back_to_platform(tmp_path) -> None:

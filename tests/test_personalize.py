@@ -339,8 +339,9 @@ def test_a_false_trigger_belongs_to_the_aggressor_clip_under_it():
 def test_personalize_bench_quick_reports_each_user_and_the_pool(tmp_path, capsys):
     from clients.bench_personalize import run_personalize_bench
 
-    report = run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12))
+    report = run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12), aggressor_hours=0.05)
     assert list(report["users"]) == ["11"]  # quick runs the first user only
+    assert [r["aggressor_hours"] for r in report["results"].values()] == pytest.approx([0.05, 0.05], rel=1e-3)
     # the global model's corpus WAVs are gone once prepared; the feature store it was trained on stays
     assert not (tmp_path / "mouth-corpus").exists() and (tmp_path / "store" / "store.h5").is_file()
     written = json.loads((tmp_path / "personalize.json").read_text())["results"]
