@@ -34,7 +34,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -237,28 +237,32 @@ class Quality:
         }
 
 
-def evaluate_bundle(source: Path, test_wave: np.ndarray, reference: list[tuple[str, float, float]],
-                    aggressor_chunks: Iterable[Stream]) -> tuple[Quality, SavedProbabilities]:
-    """Event counts and latencies on the test stream, false triggers on the aggressor-only audio (with the
-    aggressor kind under each); and the probabilities they came from (offline = streaming)."""
-    bundle = load_bundle(source)
-    frontend = bundle.frontend()
-    test = offline_probabilities(bundle.model, frontend, test_wave)
-    detected = detect(bundle, test)
-    counts = event_counts(reference, detected, COLLAR_S, list(SOUNDS))
-    triggers: dict[str, dict[str, int]] = {}
-    aggressor = []
+def evaluate_bundles(sources: Mapping[int, Path], test_wave: np.ndarray, reference: list[tuple[str, float, float]],
+                     aggressor_chunks: Iterable[Stream]) -> dict[int, tuple[Quality, SavedProbabilities]]:
+    """For each bundle: event counts and latencies on the test stream, false triggers on the aggressor-only audio
+    (with the aggressor kind under each), and the probabilities they came from (offline = streaming). The
+    aggressor audio is made once for all the bundles, one chunk at a time."""
+    bundles = {key: load_bundle(source) for key, source in sources.items()}
+    frontends = {key: bundle.frontend() for key, bundle in bundles.items()}
+    aggressor: dict[int, list[np.ndarray]] = {key: [] for key in bundles}
+    triggers: dict[int, dict[str, dict[str, int]]] = {key: {} for key in bundles}
     for chunk in aggressor_chunks:
-        aggressor.append(offline_probabilities(bundle.model, frontend, chunk.wave))
-        for label, onset, _ in detect(bundle, aggressor[-1]):
-            kinds = triggers.setdefault(label, {})
-            kind = aggressor_under(onset, chunk.aggressors)
-            kinds[kind] = kinds.get(kind, 0) + 1
-    saved = SavedProbabilities(bundle.labels, bundle.detector, bundle.frontend_config.frame_s, test,
-                               [(label, onset) for label, onset, _ in reference], aggressor)
-    quality = Quality({name: counts[name] for name in SOUNDS}, _latencies(reference, detected), triggers,
-                      saved.aggressor_seconds)
-    return quality, saved
+        for key, bundle in bundles.items():
+            aggressor[key].append(offline_probabilities(bundle.model, frontends[key], chunk.wave))
+            for label, onset, _ in detect(bundle, aggressor[key][-1]):
+                kinds = triggers[key].setdefault(label, {})
+                kind = aggressor_under(onset, chunk.aggressors)
+                kinds[kind] = kinds.get(kind, 0) + 1
+    results = {}
+    for key, bundle in bundles.items():
+        test = offline_probabilities(bundle.model, frontends[key], test_wave)
+        detected = detect(bundle, test)
+        counts = event_counts(reference, detected, COLLAR_S, list(SOUNDS))
+        saved = SavedProbabilities(bundle.labels, bundle.detector, bundle.frontend_config.frame_s, test,
+                                   [(label, onset) for label, onset, _ in reference], aggressor[key])
+        results[key] = (Quality({name: counts[name] for name in SOUNDS}, _latencies(reference, detected),
+                                triggers[key], saved.aggressor_seconds), saved)
+    return results
 
 
 def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, user_seed: int,
@@ -271,17 +275,9 @@ def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, us
     test = make_test_stream(voice, sizes["events_per_sound"], [seed, user_seed, 3])
     n_chunks = max(1, int(round(sizes["aggressor_s"] / AGGRESSOR_CHUNK_S)))
     chunk_s = sizes["aggressor_s"] / n_chunks
-
-    def aggressor_audio(count: int) -> Iterator[Stream]:  # made again for each profile: one chunk in memory
-        for i in tqdm(range(n_chunks), disable=not progress, desc=f"user {user_seed}, {count} examples: "
-                      f"aggressor audio", leave=False):
-            yield make_aggressor_stream(voice, chunk_s, [seed, user_seed, 4, i])
-
-    quality, facts = {}, {}
+    facts = {}
     for count, profile in profiles.items():
         report = personalize(profile, bundle, Config(seed=seed), progress=progress, settings=settings)
-        quality[count], saved = evaluate_bundle(profile, test.wave, test.events, aggressor_audio(count))
-        save_probabilities(workdir / f"probabilities-{count}.npz", saved)
         facts[count] = {
             "fine_tune_seconds": report["train_seconds"],
             "personalize_seconds": report["seconds"],
@@ -290,6 +286,13 @@ def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, us
             "thresholds": {name: [row["on_threshold"], row["off_threshold"]]
                            for name, row in report["sounds"].items()},
         }
+    chunks = (make_aggressor_stream(voice, chunk_s, [seed, user_seed, 4, i])
+              for i in tqdm(range(n_chunks), disable=not progress, desc=f"user {user_seed}: aggressor audio",
+                            leave=False))
+    evaluated = evaluate_bundles(profiles, test.wave, test.events, chunks)
+    for count, (_, saved) in evaluated.items():
+        save_probabilities(workdir / f"probabilities-{count}.npz", saved)
+    quality = {count: q for count, (q, _) in evaluated.items()}
     stream = {"seconds": test.seconds, "events": len(test.events), "aggressor_clips": len(test.aggressors)}
     return quality, facts, stream
 
