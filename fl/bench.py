@@ -12,7 +12,8 @@ from typing import Any
 from fl.errors import ConfigError
 
 # stage -> (module, function); every function takes (workdir, quick, out_json, progress) and returns a dict of
-# figures; run_personalize_bench also takes settings (from --config) and user_seeds (from --users).
+# figures; run_personalize_bench also takes settings (from --config), user_seeds (from --users) and
+# aggressor_hours (from --aggressor-hours).
 BENCHES = {
     "prep": ("fl.bench_prep", "run_prep_bench"),
     "train": ("fl.bench_train", "run_train_bench"),
@@ -20,6 +21,12 @@ BENCHES = {
     "sweep": ("fl.bench_sweep", "run_sweep_bench"),
     "stream": ("clients.bench_stream", "run_stream_bench"),
     "personalize": ("clients.bench_personalize", "run_personalize_bench"),
+}
+# Options only bench personalize takes, and why the others refuse each.
+PERSONALIZE_ONLY = {
+    "--users": "has no synthetic users; only bench personalize takes them",
+    "--aggressor-hours": "has no aggressor audio; only bench personalize takes it",
+    "--config": "has fixed settings; only bench personalize reads a config (its [personalize] table)",
 }
 
 
@@ -30,20 +37,17 @@ def run_bench(what: str, workdir: Path, quick: bool = False, out: Path | None = 
     its own four); ``aggressor_hours``: hours of aggressor-only audio per user (default 1); the other
     benchmarks have fixed settings and refuse all three. ``progress``: progress bars on the long steps."""
     module_name, function = BENCHES[what]
-    options = {}
+    given = {"--users": users, "--aggressor-hours": aggressor_hours, "--config": config}
+    if what != "personalize":
+        for flag, value in given.items():
+            if value is not None:
+                raise ConfigError(f"{flag}: bench {what} {PERSONALIZE_ONLY[flag]}")
+    options: dict = {}
     if users is not None:
-        if what != "personalize":
-            raise ConfigError(f"--users: bench {what} has no synthetic users; only bench personalize takes them")
         options["user_seeds"] = users
     if aggressor_hours is not None:
-        if what != "personalize":
-            raise ConfigError(f"--aggressor-hours: bench {what} has no aggressor audio; only bench personalize "
-                              f"takes it")
         options["aggressor_hours"] = aggressor_hours
     if config is not None:
-        if what != "personalize":
-            raise ConfigError(f"--config: bench {what} has fixed settings; only bench personalize reads a config "
-                              f"(its [personalize] table)")
         from clients.personalize import load_personalize_config
 
         options["settings"] = load_personalize_config(config)
