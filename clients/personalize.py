@@ -10,7 +10,10 @@ Training sequences (Lea et al.): each holds ``sequence-frames`` frames, half fro
 half from aggressors (the user's background material and, for a ``bundle-share`` of it, the bundle's
 background patches), cut into pieces and concatenated in random order. Sound pieces keep some silence around
 the sound; with probability ``mix-probability`` background is added under them (in the power domain). Sound
-pieces get a random gain of +-``gain-db``; aggressor pieces one in ``aggressor-gain-db``, mostly louder,
+pieces get a random gain of +-``gain-db`` and all their frequencies scaled by a random factor (pitch and
+resonances together, across the mel bands; between 1 / 1.1 and 1.1 for ``warp-percent`` 10), so that a few
+takes of a sound stand for the takes a user will make on other days (aggressor pieces are not warped: that
+cost recall for as many false triggers); aggressor pieces get a gain in ``aggressor-gain-db``, mostly louder,
 because a few minutes of enrolled background cannot show every level a room will reach. With probability
 ``aggressor-overlay-probability`` a second aggressor piece is mixed over an aggressor piece (-10 to 0 dB under
 it): a few minutes of material then give many more combinations (the user talking over the television, a fan
@@ -76,7 +79,7 @@ from clients.bundle import Bundle, load_bundle, write_bundle
 from clients.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
 from clients.postprocess import EventTracker, min_duration_frames, to_frames
 from clients.profile import Profile, make_private_tree
-from fl.config import CONFIG_DIR, Config, DetectorConfig, PersonalizeConfig, load_config, to_dict
+from fl.config import CONFIG_DIR, Config, DetectorConfig, FrontendConfig, PersonalizeConfig, load_config, to_dict
 from fl.errors import FedsoundError
 from fl.models import TCN
 
@@ -122,6 +125,7 @@ class PersonalData:
     background_held_out: list[np.ndarray]
     frame_s: float
     inflate: int
+    band_hz: np.ndarray  # centre frequency of each mel band (for ``warp-percent``)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     segment_s: dict[str, list[float]] = field(default_factory=dict)  # energy-labelled sound lengths per sound
 
@@ -193,7 +197,7 @@ def prepare_data(profile: Profile, bundle: Bundle, settings: PersonalizeConfig, 
         raise PersonalizeError(f"{profile.path}: no background material: enroll some with "
                                f"`fedsound enroll {profile.path} --background ...` (the bundle carries none)")
     return PersonalData(sounds, train, held_out, user_background, bundle_background, background_held_out, frame_s,
-                        inflate, counts, segment_s)
+                        inflate, band_centres_hz(bundle.frontend_config), counts, segment_s)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,6 +215,30 @@ def _crop(rng: np.random.Generator, frames: np.ndarray, length: int) -> np.ndarr
         return frames
     start = int(rng.integers(len(frames) - length + 1))
     return frames[start : start + length]
+
+
+def band_centres_hz(config: FrontendConfig) -> np.ndarray:
+    """Centre frequencies (Hz) of the frontend's mel bands (HTK mel scale, as torchaudio's filterbank)."""
+    top = config.f_max or config.sample_rate / 2
+    low, high = (2595.0 * np.log10(1.0 + f / 700.0) for f in (config.f_min, top))
+    mels = np.linspace(low, high, config.n_mels + 2)[1:-1]
+    return 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
+
+
+def warp_bands(frames: np.ndarray, band_hz: np.ndarray, factor: float) -> np.ndarray:
+    """Log-mel frames of the same sound with every frequency scaled by ``factor`` (pitch and resonances
+    together), by linear interpolation across the bands; bands beyond the edges repeat the edge band."""
+    source = np.interp(band_hz / factor, band_hz, np.arange(len(band_hz), dtype=np.float64))
+    low = np.floor(source).astype(int)
+    high = np.minimum(low + 1, len(band_hz) - 1)
+    weight = (source - low).astype(np.float32)
+    return frames[:, low] * (1.0 - weight) + frames[:, high] * weight
+
+
+def _log_uniform(rng: np.random.Generator, percent: float) -> float:
+    """A factor between 1 / (1 + percent / 100) and 1 + percent / 100, uniform on a log scale."""
+    span = np.log1p(percent / 100.0)
+    return float(np.exp(rng.uniform(-span, span)))
 
 
 def _background_piece(rng: np.random.Generator, data: PersonalData, settings: PersonalizeConfig, length: int
@@ -241,7 +269,10 @@ def _sound_piece(rng: np.random.Generator, data: PersonalData, settings: Persona
         end += 1
     start = max(0, onset - int(rng.integers(data.inflate + 5, 4 * data.inflate + 20)))
     stop = min(len(take.frames), end + int(rng.integers(5, 2 * data.inflate + 20)))
-    frames = take.frames[start:stop] + _gain(rng, -settings.gain_db, settings.gain_db)
+    frames = take.frames[start:stop]
+    if settings.warp_percent:
+        frames = warp_bands(frames, data.band_hz, _log_uniform(rng, settings.warp_percent))
+    frames = frames + _gain(rng, -settings.gain_db, settings.gain_db)
     if rng.random() < settings.mix_probability:
         noise = _background_piece(rng, data, settings, len(frames))
         noise = noise + _gain(rng, *settings.mix_gain_db)

@@ -247,6 +247,7 @@ class PersonalizeConfig:
     inflate_frames: int = -1  # -1: the receptive field less one frame (while the sound is inside it)
     positive_weight: float = 2.0  # BCE weight of sound frames (they are rarer than background frames)
     gain_db: float = 6.0  # random gain of each sound piece, +-
+    warp_percent: float = 10.0  # each sound piece's frequencies scaled by a factor up to 1 +- this percent (0: off)
     aggressor_gain_db: tuple[float, ...] = (-6.0, 20.0)  # random gain of each aggressor piece: rooms get louder
     mix_probability: float = 0.5
     mix_gain_db: tuple[float, ...] = (-20.0, 0.0)  # gain of the background mixed under a sound piece
@@ -280,6 +281,7 @@ class PersonalizeConfig:
             (self.inflate_frames >= -1, "inflate-frames", "must be -1 (the receptive field less one) or >= 0"),
             (self.positive_weight > 0, "positive-weight", "must be positive"),
             (self.gain_db >= 0, "gain-db", "must be non-negative"),
+            (0 <= self.warp_percent <= 50, "warp-percent", "must be in [0, 50]"),
             (len(self.aggressor_gain_db) == 2 and self.aggressor_gain_db[0] <= self.aggressor_gain_db[1],
              "aggressor-gain-db", "must be [low, high] with low <= high"),
             (0 <= self.mix_probability <= 1, "mix-probability", "must be in [0, 1]"),

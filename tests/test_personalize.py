@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torchaudio
 
 from clients.bundle import load_bundle, write_bundle
 from clients.enroll import enroll
@@ -20,6 +21,7 @@ from clients.personalize import (
     PersonalizeConfig,
     PersonalizeError,
     ValidationStream,
+    band_centres_hz,
     detector_settings,
     fine_tune,
     held_levels,
@@ -32,9 +34,10 @@ from clients.personalize import (
     personalize,
     prepare_data,
     sound_model,
+    warp_bands,
 )
 from clients.profile import Profile
-from fl.config import CONFIG_DIR, Config, DetectorConfig, load_config
+from fl.config import CONFIG_DIR, Config, DetectorConfig, FrontendConfig, load_config
 from fl.errors import ConfigError
 from fl.frontend import Frontend
 from fl.models import TCN, ModelConfig
@@ -219,8 +222,9 @@ def test_aggressor_overlay_mixes_a_second_piece_over_each_aggressor_piece():
     n_mels = 4
     take = label_take(np.full((60, n_mels), 5.0, np.float32), [[0.2, 0.3]], sound=0, frame_s=0.01, inflate=3)
     data = PersonalData(["pop"], [take], [], [np.zeros((500, n_mels), np.float32)],
-                        [np.full((101, n_mels), -2.0, np.float32)] * 3, [], 0.01, 3)
-    plain = dataclasses.replace(SMALL, gain_db=0.0, mix_probability=0.0, aggressor_gain_db=(0.0, 0.0))
+                        [np.full((101, n_mels), -2.0, np.float32)] * 3, [], 0.01, 3, np.arange(1.0, n_mels + 1))
+    plain = dataclasses.replace(SMALL, gain_db=0.0, warp_percent=0.0, mix_probability=0.0,
+                                aggressor_gain_db=(0.0, 0.0))
 
     def aggressor_values(overlay: float) -> np.ndarray:
         x, _, _ = make_batch(np.random.default_rng(0), data, dataclasses.replace(
@@ -233,6 +237,44 @@ def test_aggressor_overlay_mixes_a_second_piece_over_each_aggressor_piece():
     assert len(overlaid) and not np.isin(overlaid, [-2.0, 0.0]).any()  # log(e^a + e^b) exceeds a and b
     with pytest.raises(ValueError, match="aggressor-overlay-probability"):
         PersonalizeConfig(aggressor_overlay_probability=1.5)
+
+
+def test_warp_bands_moves_energy_to_the_scaled_frequency():
+    hz = band_centres_hz(FrontendConfig(sample_rate=16000, n_fft=400, hop_length=160, n_mels=64))
+    assert len(hz) == 64 and np.all(np.diff(hz) > 0) and hz[-1] < 8000
+    frames = np.zeros((3, 64), np.float32)
+    frames[:, 20] = 1.0
+    assert np.array_equal(warp_bands(frames, hz, 1.0), frames)
+    for factor in (0.9, 1.1):
+        warped = warp_bands(frames, hz, factor)
+        centre = float((warped[0] * hz).sum() / warped[0].sum())
+        assert centre == pytest.approx(hz[20] * factor, rel=0.02)
+        assert warped.dtype == np.float32 and warped.shape == frames.shape
+    filterbank = torchaudio.functional.melscale_fbanks(201, 0.0, 8000.0, 64, 16000)  # the frontend's
+    peaks = filterbank.argmax(0).numpy() * 8000.0 / 200
+    assert np.abs(peaks - hz).max() <= 40.0  # within a frequency bin
+
+
+def test_warped_sound_pieces_move_in_frequency_and_aggressors_do_not():
+    n_mels = 16
+    sound = np.zeros((60, n_mels), np.float32)
+    sound[20:30, 8] = 5.0  # a tone in band 8
+    take = label_take(sound, [[0.2, 0.3]], sound=0, frame_s=0.01, inflate=3)
+    room = np.tile(-1.0 - np.arange(n_mels, dtype=np.float32) / n_mels, (500, 1))  # falls across the bands
+    data = PersonalData(["pop"], [take], [], [room], [], [], 0.01, 3, np.geomspace(100.0, 6000.0, n_mels))
+    plain = dataclasses.replace(SMALL, gain_db=0.0, mix_probability=0.0, aggressor_gain_db=(0.0, 0.0),
+                                aggressor_overlay_probability=0.0)
+
+    def tone_bands(warp: float) -> set[int]:
+        x, target, _ = make_batch(np.random.default_rng(0), data, dataclasses.replace(plain, warp_percent=warp))
+        frames = x.numpy()[target.numpy()[..., 1] > 0]
+        return set(np.flatnonzero((frames > 0.5).any(0)).tolist())
+
+    assert tone_bands(0.0) == {8}
+    assert len(tone_bands(30.0)) > 1  # the tone lands on neighbouring bands too
+    x, target, _ = make_batch(np.random.default_rng(0), data, dataclasses.replace(plain, warp_percent=30.0))
+    aggressor = x.numpy()[(target.numpy()[..., 1] == 0) & (x.numpy().max(-1) < 0)]
+    assert len(aggressor) and (aggressor == room[0]).all()  # the user's background as it was enrolled
 
 
 def test_sustained_sounds_hold_a_share_of_their_enrolled_length_and_transients_the_floor():
@@ -261,6 +303,7 @@ def test_settings_file(tmp_path):
                           ("head-warmup-steps = -1", "personalize.head-warmup-steps: must be non-negative"),
                           ("distill-weight = -0.5", "personalize.distill-weight: must be non-negative"),
                           ("off-margin = 1.5", r"personalize.off-margin: must be in \[0, 1\]"),
+                          ("warp-percent = 60", r"personalize.warp-percent: must be in \[0, 50\]"),
                           ("rise-threshold = 0", r"personalize.rise-threshold: must be in \(0, 1\]")):
         path.write_text(f"[personalize]\n{body}\n")
         with pytest.raises(ConfigError, match=f"{path}: {message}"):
