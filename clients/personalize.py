@@ -79,8 +79,9 @@ from clients.bundle import Bundle, load_bundle, write_bundle
 from clients.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
 from clients.postprocess import EventTracker, min_duration_frames, to_frames
 from clients.profile import Profile, make_private_tree
-from fl.config import CONFIG_DIR, Config, DetectorConfig, FrontendConfig, PersonalizeConfig, load_config, to_dict
+from fl.config import CONFIG_DIR, Config, DetectorConfig, PersonalizeConfig, load_config, to_dict
 from fl.errors import FedsoundError
+from fl.frontend import band_centres_hz
 from fl.models import TCN
 
 DEFAULT_SETTINGS = CONFIG_DIR / "detector" / "personalize.toml"
@@ -215,14 +216,6 @@ def _crop(rng: np.random.Generator, frames: np.ndarray, length: int) -> np.ndarr
         return frames
     start = int(rng.integers(len(frames) - length + 1))
     return frames[start : start + length]
-
-
-def band_centres_hz(config: FrontendConfig) -> np.ndarray:
-    """Centre frequencies (Hz) of the frontend's mel bands (HTK mel scale, as torchaudio's filterbank)."""
-    top = config.f_max or config.sample_rate / 2
-    low, high = (2595.0 * np.log10(1.0 + f / 700.0) for f in (config.f_min, top))
-    mels = np.linspace(low, high, config.n_mels + 2)[1:-1]
-    return 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
 
 
 def warp_bands(frames: np.ndarray, band_hz: np.ndarray, factor: float) -> np.ndarray:

@@ -59,6 +59,14 @@ class DecimatingResampler:
         return out[:n_out]
 
 
+def band_centres_hz(config: FrontendConfig) -> np.ndarray:
+    """Centre frequencies (Hz) of the mel bands of :class:`Frontend`'s filterbank (HTK mel scale)."""
+    top = config.f_max or float(config.sample_rate // 2)
+    low, high = (2595.0 * np.log10(1.0 + f / 700.0) for f in (config.f_min, top))
+    mels = np.linspace(low, high, config.n_mels + 2)[1:-1]
+    return 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
+
+
 class Frontend:
     """Waveform -> mel frames ``[n_frames, n_mels]``, equal to torchaudio's ``MelSpectrogram``.
 
