@@ -59,10 +59,14 @@ class DecimatingResampler:
         return out[:n_out]
 
 
+def _top_hz(config: FrontendConfig) -> float:
+    """The filterbank's upper edge: ``f-max``, or half the sample rate where it is 0."""
+    return config.f_max or float(config.sample_rate // 2)
+
+
 def band_centres_hz(config: FrontendConfig) -> np.ndarray:
     """Centre frequencies (Hz) of the mel bands of :class:`Frontend`'s filterbank (HTK mel scale)."""
-    top = config.f_max or float(config.sample_rate // 2)
-    low, high = (2595.0 * np.log10(1.0 + f / 700.0) for f in (config.f_min, top))
+    low, high = (2595.0 * np.log10(1.0 + f / 700.0) for f in (config.f_min, _top_hz(config)))
     mels = np.linspace(low, high, config.n_mels + 2)[1:-1]
     return 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
 
@@ -83,7 +87,7 @@ class Frontend:
         self.filterbank = torchaudio.functional.melscale_fbanks(  # [n_fft // 2 + 1, n_mels]
             config.n_fft // 2 + 1,
             f_min=config.f_min,
-            f_max=config.f_max or float(config.sample_rate // 2),
+            f_max=_top_hz(config),
             n_mels=config.n_mels,
             sample_rate=config.sample_rate,
             norm=None,
