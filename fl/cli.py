@@ -332,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=_user_seeds, default=None, metavar="SEED,SEED,...",
                    help="bench personalize: the synthetic users to run (default 7,8,9,10, the benchmark's own)")
     p.add_argument("--aggressor-hours", type=float, default=None, metavar="H",
-                   help="bench personalize: hours of aggressor-only audio per user (default 1; one false trigger "
-                        "in 4 h is already 0.25 per hour, so a rate near 0.3 needs more)")
+                   help="bench personalize: hours of aggressor-only audio per user (default 5: 20 h over four "
+                        "users, enough to tell a rate of 0.3 per hour from 0.6)")
     return parser
 
 
