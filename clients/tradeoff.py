@@ -125,7 +125,8 @@ def operating_point(runs: Sequence[SavedProbabilities], label: str, on: float | 
         k = run.labels.index(label)
         picked_on, picked_off = run.detector.class_thresholds.get(
             label, [run.detector.on_threshold, run.detector.off_threshold])
-        threshold, off = (picked_on, picked_off) if on is None else (on, on * picked_off / picked_on)
+        # the picked off/on ratio at another on; off may equal on, and the division must not lift it above
+        threshold, off = (picked_on, picked_off) if on is None else (on, min(on, on * picked_off / picked_on))
         hold = run.detector.class_min_duration_ms.get(label, run.detector.min_duration_ms) + extra_hold_ms
         detect = [(label, onset) for onset in _onsets(run.test[:, k], label, threshold, off, hold, run.detector,
                                                      run.frame_s)]

@@ -97,6 +97,17 @@ def test_operating_points_pool_counts_and_hours_over_users():
     assert longer.to_dict()["false_triggers_per_hour"] == pytest.approx(1.0)
 
 
+def test_a_picked_off_equal_to_on_stays_at_on_at_every_other_threshold():
+    # off = on is a valid pick (a sound whose takes stay high while they hold), and 0.95 * 0.527 / 0.527 is
+    # 0.9500000000000001 in floating point: an off above on, which the detector settings refuse
+    assert 0.95 * 0.527 / 0.527 > 0.95
+    run = dataclasses.replace(_run([(100, 30, 0.97)], [(5000, 30, 0.96)]),
+                              detector=_detector(class_thresholds={"pop": [0.527, 0.527], "hum": [0.5, 0.4]}))
+    at = operating_point([run], "pop", 0.95, 0.0)
+    assert (at.counts.tp, at.counts.fn, at.false_triggers) == (1, 0, 1)
+    assert set(tradeoff([run])["pop"]["+0ms"]) == {"picked", *(f"{on:g}" for on in ON_THRESHOLDS)}
+
+
 def test_saved_probabilities_round_trip_and_the_table_and_figure(tmp_path):
     run = _run([(100, 20, 0.9)], [(5000, 12, 0.65), (120000, 30, 0.8)])
     path = save_probabilities(tmp_path / "probabilities-10.npz", run)
