@@ -14,7 +14,9 @@ pieces get a random gain of +-``gain-db`` and all their frequencies scaled by a 
 resonances together, across the mel bands; between 1 / 1.1 and 1.1 for ``warp-percent`` 10), so that a few
 takes of a sound stand for the takes a user will make on other days (aggressor pieces are not warped: that
 cost recall for as many false triggers); aggressor pieces get a gain in ``aggressor-gain-db``, mostly louder,
-because a few minutes of enrolled background cannot show every level a room will reach. With probability
+because a few minutes of enrolled background cannot show every level a room will reach, and a random spectral
+tilt (up to ``aggressor-tilt-db-per-octave`` either way about 1 kHz), because they cannot show every colour of
+noise either (a loud, flat fan unlike any enrolled noise read to the untilted models as pops). With probability
 ``aggressor-overlay-probability`` a second aggressor piece is mixed over an aggressor piece (-10 to 0 dB under
 it): a few minutes of material then give many more combinations (the user talking over the television, a fan
 under someone else's voice), and the model meets fewer aggressors at test time that it has never seen. Frame
@@ -228,6 +230,13 @@ def warp_bands(frames: np.ndarray, band_hz: np.ndarray, factor: float) -> np.nda
     return frames[:, low] * (1.0 - weight) + frames[:, high] * weight
 
 
+def tilt_bands(frames: np.ndarray, band_hz: np.ndarray, db_per_octave: float) -> np.ndarray:
+    """Log-mel frames with a spectral tilt of ``db_per_octave`` about 1 kHz (another microphone, room or
+    equaliser): each band raised by that many dB per octave above 1 kHz, lowered below it."""
+    slope = db_per_octave * np.log(10.0) / 10.0  # dB of power -> natural log
+    return frames + (slope * np.log2(band_hz / 1000.0)).astype(np.float32)
+
+
 def _log_uniform(rng: np.random.Generator, percent: float) -> float:
     """A factor between 1 / (1 + percent / 100) and 1 + percent / 100, uniform on a log scale."""
     span = np.log1p(percent / 100.0)
@@ -236,7 +245,8 @@ def _log_uniform(rng: np.random.Generator, percent: float) -> float:
 
 def _background_piece(rng: np.random.Generator, data: PersonalData, settings: PersonalizeConfig, length: int
                       ) -> np.ndarray:
-    """``length`` frames of aggressor material: the user's (``1 - bundle-share``) or the bundle's patches."""
+    """``length`` frames of aggressor material: the user's (``1 - bundle-share``) or the bundle's patches, tilted
+    by up to ``aggressor-tilt-db-per-octave`` either way."""
     parts, have = [], 0
     while have < length:
         use_bundle = not data.user_background or (bool(data.bundle_background)
@@ -247,7 +257,11 @@ def _background_piece(rng: np.random.Generator, data: PersonalData, settings: Pe
         part = _crop(rng, source, length - have)
         parts.append(part)
         have += len(part)
-    return np.concatenate(parts)
+    piece = np.concatenate(parts)
+    if settings.aggressor_tilt_db_per_octave:
+        tilt = settings.aggressor_tilt_db_per_octave
+        piece = tilt_bands(piece, data.band_hz, rng.uniform(-tilt, tilt))
+    return piece
 
 
 def _sound_piece(rng: np.random.Generator, data: PersonalData, settings: PersonalizeConfig, n_sounds: int

@@ -249,6 +249,8 @@ class PersonalizeConfig:
     gain_db: float = 6.0  # random gain of each sound piece, +-
     warp_percent: float = 10.0  # each sound piece's frequencies scaled by a factor up to 1 +- this percent (0: off)
     aggressor_gain_db: tuple[float, ...] = (-6.0, 20.0)  # random gain of each aggressor piece: rooms get louder
+    # random spectral tilt of each aggressor piece, up to this many dB per octave either way (0: off)
+    aggressor_tilt_db_per_octave: float = 3.0
     mix_probability: float = 0.5
     mix_gain_db: tuple[float, ...] = (-20.0, 0.0)  # gain of the background mixed under a sound piece
     aggressor_overlay_probability: float = 1.0  # an aggressor piece gets a second one mixed over it
@@ -282,6 +284,7 @@ class PersonalizeConfig:
             (self.positive_weight > 0, "positive-weight", "must be positive"),
             (self.gain_db >= 0, "gain-db", "must be non-negative"),
             (0 <= self.warp_percent <= 50, "warp-percent", "must be in [0, 50]"),
+            (0 <= self.aggressor_tilt_db_per_octave <= 12, "aggressor-tilt-db-per-octave", "must be in [0, 12]"),
             (len(self.aggressor_gain_db) == 2 and self.aggressor_gain_db[0] <= self.aggressor_gain_db[1],
              "aggressor-gain-db", "must be [low, high] with low <= high"),
             (0 <= self.mix_probability <= 1, "mix-probability", "must be in [0, 1]"),

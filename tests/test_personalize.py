@@ -222,7 +222,7 @@ def test_aggressor_overlay_mixes_a_second_piece_over_each_aggressor_piece():
     data = PersonalData(["pop"], [take], [], [np.zeros((500, n_mels), np.float32)],
                         [np.full((101, n_mels), -2.0, np.float32)] * 3, [], 0.01, 3, np.arange(1.0, n_mels + 1))
     plain = dataclasses.replace(SMALL, gain_db=0.0, warp_percent=0.0, mix_probability=0.0,
-                                aggressor_gain_db=(0.0, 0.0))
+                                aggressor_gain_db=(0.0, 0.0), aggressor_tilt_db_per_octave=0.0)
 
     def aggressor_values(overlay: float) -> np.ndarray:
         x, _, _ = make_batch(np.random.default_rng(0), data, dataclasses.replace(
@@ -261,7 +261,7 @@ def test_warped_sound_pieces_move_in_frequency_and_aggressors_do_not():
     room = np.tile(-1.0 - np.arange(n_mels, dtype=np.float32) / n_mels, (500, 1))  # falls across the bands
     data = PersonalData(["pop"], [take], [], [room], [], [], 0.01, 3, np.geomspace(100.0, 6000.0, n_mels))
     plain = dataclasses.replace(SMALL, gain_db=0.0, mix_probability=0.0, aggressor_gain_db=(0.0, 0.0),
-                                aggressor_overlay_probability=0.0)
+                                aggressor_overlay_probability=0.0, aggressor_tilt_db_per_octave=0.0)
 
     def tone_bands(warp: float) -> set[int]:
         x, target, _ = make_batch(np.random.default_rng(0), data, dataclasses.replace(plain, warp_percent=warp))
@@ -273,6 +273,30 @@ def test_warped_sound_pieces_move_in_frequency_and_aggressors_do_not():
     x, target, _ = make_batch(np.random.default_rng(0), data, dataclasses.replace(plain, warp_percent=30.0))
     aggressor = x.numpy()[(target.numpy()[..., 1] == 0) & (x.numpy().max(-1) < 0)]
     assert len(aggressor) and (aggressor == room[0]).all()  # the user's background as it was enrolled
+
+
+def test_aggressor_pieces_are_tilted_about_1khz_and_sound_pieces_are_not():
+    n_mels = 16
+    band_hz = np.geomspace(125.0, 8000.0, n_mels)  # six octaves: 1 kHz is band 7.5
+    take = label_take(np.full((60, n_mels), 5.0, np.float32), [[0.2, 0.3]], sound=0, frame_s=0.01, inflate=3)
+    data = PersonalData(["pop"], [take], [], [np.zeros((500, n_mels), np.float32)], [], [], 0.01, 3, band_hz)
+    plain = dataclasses.replace(SMALL, gain_db=0.0, warp_percent=0.0, mix_probability=0.0,
+                                aggressor_gain_db=(0.0, 0.0), aggressor_overlay_probability=0.0,
+                                aggressor_tilt_db_per_octave=0.0)
+    x, target, _ = make_batch(np.random.default_rng(0), data, dataclasses.replace(
+        plain, aggressor_tilt_db_per_octave=6.0))
+    frames = x.numpy().reshape(-1, n_mels)
+    aggressor = frames[target.numpy().reshape(-1, 2)[:, 1] == 0]
+    aggressor = aggressor[~(aggressor == 5.0).all(1)]  # the sound take's silence around its sound
+    octaves = np.log2(band_hz / 1000.0)
+    db_per_octave = np.array([np.polyfit(octaves, row, 1)[0] for row in aggressor]) * 10.0 / np.log(10.0)
+    assert np.allclose(aggressor[:, 0] * octaves[-1], aggressor[:, -1] * octaves[0], atol=1e-4)  # 0 at 1 kHz
+    assert np.abs(db_per_octave).max() <= 6.0 and np.ptp(db_per_octave) > 3.0  # a random slope per piece
+    assert (frames[target.numpy().reshape(-1, 2)[:, 1] == 1] == 5.0).all()  # sound frames untouched
+    x, _, _ = make_batch(np.random.default_rng(0), data, plain)
+    assert set(np.unique(x.numpy())) == {0.0, 5.0}  # off: the room as enrolled
+    with pytest.raises(ValueError, match="aggressor-tilt-db-per-octave"):
+        PersonalizeConfig(aggressor_tilt_db_per_octave=13.0)
 
 
 def test_sustained_sounds_hold_a_share_of_their_enrolled_length_and_transients_the_floor():
