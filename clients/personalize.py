@@ -16,7 +16,7 @@ takes of a sound stand for the takes a user will make on other days (aggressor p
 cost recall for as many false triggers); aggressor pieces get a gain in ``aggressor-gain-db``, mostly louder,
 because a few minutes of enrolled background cannot show every level a room will reach, and a random spectral
 tilt (up to ``aggressor-tilt-db-per-octave`` either way about 1 kHz), because they cannot show every colour of
-noise either (a loud, flat fan unlike any enrolled noise read to the untilted models as pops). With probability
+noise and voice either (on the benchmark's users it cut the hums set off by other talkers' speech). With probability
 ``aggressor-overlay-probability`` a second aggressor piece is mixed over an aggressor piece (-10 to 0 dB under
 it): a few minutes of material then give many more combinations (the user talking over the television, a fan
 under someone else's voice), and the model meets fewer aggressors at test time that it has never seen. Frame
