@@ -45,13 +45,17 @@ take costs more than 0.1 of F1). The report gives each sound's held-out precisio
 the false triggers per hour on the held-out background, the same F1 for the untuned head, and the time taken.
 
 The personal detector's post-processing keeps the global bundle's settings except the per-sound thresholds,
-the per-sound minimum durations, ``onset-at-rise``, ``rise-threshold`` and ``refractory-ms``. Every sound must
-hold at least ``min-duration-ms`` (250 ms lets the detector wait until a speech plosive or click-like transient
-has gone on into the next phoneme; the inflated labels keep a true click or pop high for about 300 ms); a
-sustained sound must also hold ``min-duration-fraction`` (1.25) times its short enrolled examples (their 20th
-percentile; it stays high for about the receptive field past its end), up to ``max-min-duration-ms``: a hum
-enrolled at 0.3-0.9 s waits 0.5 s, longer than most runs of voiced speech that the model takes for a hum (a
-nasal, 50-140 ms, into a vowel). With ``onset-at-rise`` an event's onset is where its probability began to rise
+the per-sound minimum durations, ``onset-at-rise``, ``rise-threshold`` and ``refractory-ms``. A sound holds
+``min-duration-ms`` (250 ms lets the detector wait until a speech plosive or click-like transient has gone on
+into the next phoneme; the inflated labels keep a true click or pop high for about 300 ms); a sustained sound
+must also hold ``min-duration-fraction`` (1.25) times its short enrolled examples (their 20th percentile; it
+stays high for about the receptive field past its end), up to ``max-min-duration-ms``: a hum enrolled at
+0.3-0.9 s waits 0.5 s, longer than most runs of voiced speech that the model takes for a hum (a nasal,
+50-140 ms, into a vowel). A hold is then cut to end ``run-margin-ms`` (50) before its sound's held-out takes
+fell below off (their median, at the picked thresholds), but to no less than ``shortest-min-duration-ms``
+(220): a click's probability stays up for about the receptive field, in the median 270 ms from reaching on,
+and a 250 ms hold lost the clicks whose probability rose a little late or fell a little early. With
+``onset-at-rise`` an event's onset is where its probability began to rise
 (above ``rise-threshold``, 0.2, or the off threshold where that is lower; at most the detector's ``max-rise-ms``,
 300 ms, before it reached on), so a sound recognised only after a while is still dated from its start (a hiss
 or hum whose probability takes 150 ms to climb from 0.2 to the off threshold would otherwise be dated outside
@@ -504,6 +508,40 @@ def held_levels(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[st
     return levels
 
 
+def held_runs_ms(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[str], on: Sequence[float],
+                 off: Sequence[float], frame_s: float) -> list[list[float]]:
+    """Per sound: for each held-out take that reaches its on-threshold within ``ON_SEARCH_S`` of its onset, how
+    long (ms) its probability then stayed at or above its off threshold, the frame that reached on included."""
+    search = to_frames(1000.0 * ON_SEARCH_S, frame_s)
+    runs: list[list[float]] = []
+    for k, name in enumerate(sounds):
+        lengths = []
+        for sound, onset_s in stream.reference:
+            if sound != name:
+                continue
+            start = int(round(onset_s / frame_s))
+            reached = np.flatnonzero(probs[start : start + search, k] >= on[k])
+            if len(reached):
+                track = probs[start + int(reached[0]) :, k]
+                below = np.flatnonzero(track < off[k])
+                lengths.append(1000.0 * frame_s * (int(below[0]) if len(below) else len(track)))
+        runs.append(lengths)
+    return runs
+
+
+def shorten_holds(durations: Mapping[str, float], sounds: Sequence[str], runs: Sequence[Sequence[float]],
+                  settings: PersonalizeConfig) -> dict[str, float]:
+    """Each sound's hold (from :func:`min_durations`) cut to the median of its held-out runs (:func:`held_runs_ms`)
+    less ``run-margin-ms``, but not below ``shortest-min-duration-ms``; a sound without runs keeps its hold. A
+    click's probability stays up for about the receptive field (290 ms), barely longer than the 250 ms floor."""
+    out = dict(durations)
+    for name, lengths in zip(sounds, runs, strict=True):
+        if lengths:
+            limit = max(settings.shortest_min_duration_ms, float(np.median(lengths)) - settings.run_margin_ms)
+            out[name] = round(min(out[name], limit), 1)
+    return out
+
+
 def off_thresholds(on: Sequence[float], levels: Sequence[float | None], settings: PersonalizeConfig) -> list[float]:
     """Each sound's off threshold: ``on x off-ratio``, raised towards the level its held-out takes kept while
     holding (:func:`held_levels`) less ``off-margin``, never above on. A sound whose takes stay high while they
@@ -563,12 +601,15 @@ def _held_out_f1(model: TCN, stream: ValidationStream, data: PersonalData, setti
                  base: DetectorConfig, durations: Mapping[str, float]
                  ) -> tuple[float, DetectorConfig, dict[str, EventCounts], float]:
     """(mean F1 over sounds, detector settings, counts, false triggers per hour) of a model with its own
-    thresholds: on-thresholds from :func:`pick_thresholds`, then off-thresholds from :func:`off_thresholds`."""
+    thresholds: on-thresholds from :func:`pick_thresholds`, then off-thresholds from :func:`off_thresholds`, then
+    holds shortened by :func:`shorten_holds`."""
     probs = stream_probabilities(sound_model(model), stream.frames)
     thresholds = pick_thresholds(probs, stream, data.sounds, settings, base, data.frame_s, durations)
     levels = held_levels(probs, stream, data.sounds, thresholds, durations, data.frame_s)
-    detector = detector_settings(data.sounds, thresholds, settings, base, durations,
-                                 off_thresholds(thresholds, levels, settings))
+    off = off_thresholds(thresholds, levels, settings)
+    runs = held_runs_ms(probs, stream, data.sounds, thresholds, off, data.frame_s)
+    detector = detector_settings(data.sounds, thresholds, settings, base,
+                                 shorten_holds(durations, data.sounds, runs, settings), off)
     counts, per_hour = evaluate_held_out(probs, stream, data.sounds, detector, data.frame_s)
     return float(np.mean([counts[s].f1 for s in data.sounds])), detector, counts, per_hour
 
@@ -627,7 +668,7 @@ def personalize(profile: Path, bundle: Path | None, config: Config, progress: bo
         "loss": loss,
         "sounds": {name: {**data.counts[name], "on_threshold": detector.class_thresholds[name][0],
                           "off_threshold": detector.class_thresholds[name][1],
-                          "min_duration_ms": durations[name], **counts[name].to_dict()}
+                          "min_duration_ms": detector.class_min_duration_ms[name], **counts[name].to_dict()}
                    for name in data.sounds},
         "f1": f1,
         "untuned_f1": untuned_f1,

@@ -267,6 +267,10 @@ class PersonalizeConfig:
     # the inflated labels keep a true sound high for about the receptive field past its end) ...
     min_duration_fraction: float = 1.25
     max_min_duration_ms: float = 500.0  # ... but never longer than this
+    # a sound's hold ends at least this long before its held-out takes' probability (their median run from on)
+    # falls below off: a click's stays up for about the receptive field, only a little longer than the hold ...
+    run_margin_ms: float = 50.0
+    shortest_min_duration_ms: float = 220.0  # ... but is never shorter than this
     onset_at_rise: bool = True  # the detector's onset-at-rise (clients/postprocess.py)
     rise_threshold: float = 0.2  # the detector's rise-threshold: the onset is dated from the run above it
     refractory_ms: float = 300.0
@@ -301,6 +305,8 @@ class PersonalizeConfig:
             (0 <= self.min_duration_fraction <= 2, "min-duration-fraction", "must be in [0, 2]"),
             (self.max_min_duration_ms >= self.min_duration_ms, "max-min-duration-ms",
              "must be at least min-duration-ms"),
+            (self.run_margin_ms >= 0, "run-margin-ms", "must be non-negative"),
+            (self.shortest_min_duration_ms >= 0, "shortest-min-duration-ms", "must be non-negative"),
             (0 < self.rise_threshold <= 1, "rise-threshold", "must be in (0, 1]"),
             (self.refractory_ms >= 0, "refractory-ms", "must be non-negative"),
         ]

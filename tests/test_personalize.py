@@ -23,6 +23,7 @@ from clients.personalize import (
     detector_settings,
     fine_tune,
     held_levels,
+    held_runs_ms,
     label_take,
     load_personalize_config,
     make_batch,
@@ -31,6 +32,7 @@ from clients.personalize import (
     off_thresholds,
     personalize,
     prepare_data,
+    shorten_holds,
     sound_model,
     warp_bands,
 )
@@ -368,6 +370,33 @@ def test_off_thresholds_rise_to_what_the_held_out_takes_kept_while_holding():
     off = off_thresholds(on, levels, settings)
     detector = detector_settings(sounds, on, settings, DetectorConfig(), durations, off)
     assert detector.class_thresholds == {"pop": [0.9, 0.9], "click": [0.9, 0.81], "hum": [0.9, 0.81]}
+
+
+def test_holds_end_a_margin_before_the_held_out_takes_fall_below_off():
+    frame_s = 0.01
+    probs = np.full((900, 3), 0.05, np.float32)
+    probs[102:130, 0] = 0.99  # click takes at 1, 3 and 5 s: 28, 26 and 24 frames at or above off from on
+    probs[303:329, 0] = 0.99
+    probs[501:525, 0] = 0.99
+    probs[100:102, 0] = 0.85  # rising: above off but below on, not counted
+    probs[510, 0] = 0.9  # a dip that stays at or above off does not end the run
+    probs[702:735, 1] = 0.99  # pop take at 7 s: 33 frames
+    probs[780:800, 2] = 0.99  # hum take at 7.2 s reaches on too late (after ON_SEARCH_S)
+    stream = ValidationStream(np.zeros((900, 64), np.float32),
+                              [("click", 1.0), ("click", 3.0), ("click", 5.0), ("pop", 7.0), ("hum", 7.0)], [])
+    sounds, on, off = ["click", "pop", "hum"], [0.98, 0.98, 0.98], [0.8, 0.8, 0.8]
+    runs = held_runs_ms(probs, stream, sounds, on, off, frame_s)
+    assert runs == [pytest.approx([280.0, 260.0, 240.0]), pytest.approx([330.0]), []]
+    settings = PersonalizeConfig(min_duration_ms=250.0, run_margin_ms=50.0, shortest_min_duration_ms=200.0)
+    holds = {"click": 250.0, "pop": 250.0, "hum": 500.0}
+    assert shorten_holds(holds, sounds, runs, settings) == {"click": 210.0, "pop": 250.0, "hum": 500.0}
+    floor = dataclasses.replace(settings, shortest_min_duration_ms=230.0)
+    assert shorten_holds(holds, sounds, runs, floor)["click"] == 230.0
+    assert shorten_holds(holds, sounds, [[100.0], [], []], settings)["click"] == 200.0  # never below the floor
+    assert shorten_holds({**holds, "click": 150.0}, sounds, runs, settings)["click"] == 150.0  # nor lengthened
+    for bad in ({"run_margin_ms": -1.0}, {"shortest_min_duration_ms": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad)).replace("_", "-")):
+            PersonalizeConfig(**bad)
 
 
 def test_bench_pools_users_by_summing_counts_and_hours():
