@@ -487,23 +487,32 @@ def min_durations(segment_s: Mapping[str, Sequence[float]], settings: Personaliz
     return out
 
 
+def _reached_on(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[str], on: Sequence[float],
+                frame_s: float) -> list[list[int]]:
+    """Per sound: the frame at which each of its held-out takes first reached its on-threshold, for the takes
+    that did within ``ON_SEARCH_S`` of their onset."""
+    search = to_frames(1000.0 * ON_SEARCH_S, frame_s)
+    frames: list[list[int]] = []
+    for k, name in enumerate(sounds):
+        firsts = []
+        for sound, onset_s in stream.reference:
+            if sound == name:
+                start = int(round(onset_s / frame_s))
+                reached = np.flatnonzero(probs[start : start + search, k] >= on[k])
+                if len(reached):
+                    firsts.append(start + int(reached[0]))
+        frames.append(firsts)
+    return frames
+
+
 def held_levels(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[str], on: Sequence[float],
                 durations: Mapping[str, float], frame_s: float) -> list[float | None]:
     """Per sound: the lowest probability that any of its held-out takes kept over its minimum duration after
     first reaching its on-threshold (within ``ON_SEARCH_S`` of the take's onset); None if none reached it."""
-    search = to_frames(1000.0 * ON_SEARCH_S, frame_s)
     levels: list[float | None] = []
-    for k, name in enumerate(sounds):
+    for k, (name, firsts) in enumerate(zip(sounds, _reached_on(probs, stream, sounds, on, frame_s), strict=True)):
         hold = min_duration_frames(durations[name], frame_s)  # as the detector counts it
-        kept = []
-        for sound, onset_s in stream.reference:
-            if sound != name:
-                continue
-            start = int(round(onset_s / frame_s))
-            reached = np.flatnonzero(probs[start : start + search, k] >= on[k])
-            if len(reached):
-                first = start + int(reached[0])
-                kept.append(float(probs[first : first + hold, k].min()))
+        kept = [float(probs[first : first + hold, k].min()) for first in firsts]
         levels.append(min(kept) if kept else None)
     return levels
 
@@ -512,19 +521,12 @@ def held_runs_ms(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[s
                  off: Sequence[float], frame_s: float) -> list[list[float]]:
     """Per sound: for each held-out take that reaches its on-threshold within ``ON_SEARCH_S`` of its onset, how
     long (ms) its probability then stayed at or above its off threshold, the frame that reached on included."""
-    search = to_frames(1000.0 * ON_SEARCH_S, frame_s)
     runs: list[list[float]] = []
-    for k, name in enumerate(sounds):
+    for k, firsts in enumerate(_reached_on(probs, stream, sounds, on, frame_s)):
         lengths = []
-        for sound, onset_s in stream.reference:
-            if sound != name:
-                continue
-            start = int(round(onset_s / frame_s))
-            reached = np.flatnonzero(probs[start : start + search, k] >= on[k])
-            if len(reached):
-                track = probs[start + int(reached[0]) :, k]
-                below = np.flatnonzero(track < off[k])
-                lengths.append(1000.0 * frame_s * (int(below[0]) if len(below) else len(track)))
+        for first in firsts:
+            below = np.flatnonzero(probs[first:, k] < off[k])
+            lengths.append(1000.0 * frame_s * (int(below[0]) if len(below) else len(probs) - first))
         runs.append(lengths)
     return runs
 
