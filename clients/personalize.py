@@ -51,10 +51,12 @@ into the next phoneme; the inflated labels keep a true click or pop high for abo
 must also hold ``min-duration-fraction`` (1.25) times its short enrolled examples (their 20th percentile; it
 stays high for about the receptive field past its end), up to ``max-min-duration-ms``: a hum enrolled at
 0.3-0.9 s waits 0.5 s, longer than most runs of voiced speech that the model takes for a hum (a nasal,
-50-140 ms, into a vowel). A hold is then cut to end ``run-margin-ms`` (50) before its sound's held-out takes
-fell below off (their median, at the picked thresholds), but to no less than ``shortest-min-duration-ms``
-(220): a click's probability stays up for about the receptive field, in the median 270 ms from reaching on,
-and a 250 ms hold lost the clicks whose probability rose a little late or fell a little early. With
+50-140 ms, into a vowel). A short sound's hold (``min-duration-ms``) is then cut to end ``run-margin-ms`` (50)
+before its held-out takes fell below off (their median, at the picked thresholds), but to no less than
+``shortest-min-duration-ms`` (220): a click's probability stays up for about the receptive field, in the median
+270 ms from reaching on, and a 250 ms hold lost the clicks whose probability rose a little late or fell a little
+early (a sustained sound's hold is not cut: with 5 examples, held-out hums that fell back early let speech
+through). With
 ``onset-at-rise`` an event's onset is where its probability began to rise
 (above ``rise-threshold``, 0.2, or the off threshold where that is lower; at most the detector's ``max-rise-ms``,
 300 ms, before it reached on), so a sound recognised only after a while is still dated from its start (a hiss
@@ -533,12 +535,14 @@ def held_runs_ms(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[s
 
 def shorten_holds(durations: Mapping[str, float], sounds: Sequence[str], runs: Sequence[Sequence[float]],
                   settings: PersonalizeConfig) -> dict[str, float]:
-    """Each sound's hold (from :func:`min_durations`) cut to the median of its held-out runs (:func:`held_runs_ms`)
-    less ``run-margin-ms``, but not below ``shortest-min-duration-ms``; a sound without runs keeps its hold. A
-    click's probability stays up for about the receptive field (290 ms), barely longer than the 250 ms floor."""
+    """The hold of each short sound (one that holds only ``min-duration-ms``, from :func:`min_durations`) cut to the
+    median of its held-out runs (:func:`held_runs_ms`) less ``run-margin-ms``, but not below
+    ``shortest-min-duration-ms``: a click's probability stays up for about the receptive field (290 ms), barely
+    longer than that floor. A sustained sound keeps the hold its enrolled length gave it (held-out takes that fell
+    back early would otherwise let speech through), and so does a sound without runs."""
     out = dict(durations)
     for name, lengths in zip(sounds, runs, strict=True):
-        if lengths:
+        if lengths and out[name] <= settings.min_duration_ms:
             limit = max(settings.shortest_min_duration_ms, float(np.median(lengths)) - settings.run_margin_ms)
             out[name] = round(min(out[name], limit), 1)
     return out

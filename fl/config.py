@@ -267,8 +267,8 @@ class PersonalizeConfig:
     # the inflated labels keep a true sound high for about the receptive field past its end) ...
     min_duration_fraction: float = 1.25
     max_min_duration_ms: float = 500.0  # ... but never longer than this
-    # a sound's hold ends at least this long before its held-out takes' probability (their median run from on)
-    # falls below off: a click's stays up for about the receptive field, only a little longer than the hold ...
+    # a short sound's hold (min-duration-ms) ends at least this long before its held-out takes' probability (their
+    # median run from on) falls below off: a click's stays up for about the receptive field, a little longer ...
     run_margin_ms: float = 50.0
     shortest_min_duration_ms: float = 220.0  # ... but is never shorter than this
     onset_at_rise: bool = True  # the detector's onset-at-rise (clients/postprocess.py)

@@ -394,6 +394,8 @@ def test_holds_end_a_margin_before_the_held_out_takes_fall_below_off():
     assert shorten_holds(holds, sounds, runs, floor)["click"] == 230.0
     assert shorten_holds(holds, sounds, [[100.0], [], []], settings)["click"] == 200.0  # never below the floor
     assert shorten_holds({**holds, "click": 150.0}, sounds, runs, settings)["click"] == 150.0  # nor lengthened
+    sustained = shorten_holds(holds, sounds, [[], [], [300.0, 320.0]], settings)
+    assert sustained["hum"] == 500.0  # a sustained sound's hold, set by its enrolled length, is not cut
     for bad in ({"run_margin_ms": -1.0}, {"shortest_min_duration_ms": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad)).replace("_", "-")):
             PersonalizeConfig(**bad)
