@@ -56,12 +56,11 @@ before its held-out takes fell below off (their median, at the picked thresholds
 ``shortest-min-duration-ms`` (220): a click's probability stays up for about the receptive field, in the median
 270 ms from reaching on, and a 250 ms hold lost the clicks whose probability rose a little late or fell a little
 early (a sustained sound's hold is not cut: with 5 examples, held-out hums that fell back early let speech
-through). With
-``onset-at-rise`` an event's onset is where its probability began to rise
-(above ``rise-threshold``, 0.2, or the off threshold where that is lower; at most the detector's ``max-rise-ms``,
-300 ms, before it reached on), so a sound recognised only after a while is still dated from its start (a hiss
-or hum whose probability takes 150 ms to climb from 0.2 to the off threshold would otherwise be dated outside
-the 100 ms onset collar); the trigger comes when the event is confirmed (the detection latency).
+through). With ``onset-at-rise`` an event's onset is where its probability began to rise (above
+``rise-threshold``, 0.2, or the off threshold where that is lower; at most the detector's ``max-rise-ms``, 300 ms,
+before it reached on), so a sound recognised only after a while is still dated from its start (a hiss or hum
+whose probability takes 150 ms to climb from 0.2 to the off threshold would otherwise be dated outside the
+100 ms onset collar); the trigger comes when the event is confirmed (the detection latency).
 
 The personal bundle is written to ``PROFILE/personal/`` with :func:`clients.bundle.write_bundle` and made
 private (0700 folders, 0600 files). Nothing here opens a network connection.
