@@ -23,6 +23,9 @@
 5. Operating points (:mod:`clients.tradeoff`): each personal model's probabilities over its user's audio are
    saved (``user-U/probabilities-N.npz``); for 10 examples the post-processing is rerun over them at other
    on-thresholds and holds, pooled over the users: a table, and a figure beside the JSON (``NAME-tradeoff.png``).
+6. Resume: each user's figures are saved (``user-U/result.json``) as soon as they are measured, keyed by
+   everything they depend on (:func:`user_key`: the code, settings, sizes, seeds and global model); a rerun
+   takes a user whose key matches from there instead of measuring it again.
 
 Targets (issue 8), with 10 examples per sound: precision and recall at least 0.95, at most 0.3 false
 triggers per hour. ``quick`` shrinks every size, takes one user and fine-tunes 200 steps only, after at most 40
@@ -31,6 +34,8 @@ of the head alone (smoke test; its figures mean little).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import time
 from collections import Counter
@@ -83,6 +88,7 @@ BUNDLE_BACKGROUND_PATCHES = 320  # about 4 MB of float16 patches: the most a bun
 # centring) to 300 ms after it ends (the clip still fills most of the receptive field); otherwise to the floor.
 ATTRIBUTION_S = (0.05, 0.3)
 FLOOR = "floor"
+USER_RESULT = "result.json"  # a user's figures, saved as soon as they are measured (resume)
 
 
 def _sizes(quick: bool) -> dict[str, Any]:
@@ -94,13 +100,13 @@ def _sizes(quick: bool) -> dict[str, Any]:
             "steps": None, "users": None}
 
 
-def global_bundle(workdir: Path, quick: bool, seed: int, progress: bool) -> tuple[Path, str]:
-    """The global detector bundle (made from a synthetic many-voice mouth-sound corpus if missing) and how it
-    was made."""
+def global_bundle(workdir: Path, quick: bool, seed: int, progress: bool) -> tuple[Path, str, str]:
+    """The global detector bundle (made from a synthetic many-voice mouth-sound corpus if missing), its manifest
+    SHA-256 and how it was made."""
     bundle = workdir / "global-bundle"
     if (bundle / "bundle.json").is_file():
         sha = load_bundle(bundle).manifest["manifest_sha256"]
-        return bundle, f"existing bundle {bundle} (manifest sha256 {sha})"
+        return bundle, sha, f"existing bundle {bundle} (manifest sha256 {sha})"
     from data_prep.prep import prep
     from fl.train import train_central
 
@@ -119,11 +125,12 @@ def global_bundle(workdir: Path, quick: bool, seed: int, progress: bool) -> tupl
     result = train_central(store, config, run, progress=progress)
     export_bundle(run / "model.pt", bundle, config, store=store, background_patches=BUNDLE_BACKGROUND_PATCHES,
                   exclude_labels=SOUNDS)
-    patches = load_bundle(bundle).manifest["background"]["patches"]
-    return bundle, (f"TCN ({config.model.channels} channels) trained {sizes['epochs']} epochs on a synthetic "
-                    f"mouth-sound corpus of {sizes['voices']} voices (data_prep/mouth_corpus.py; the user's voice "
-                    f"is not among them) with the lea16k frontend (val mAP {result['best_mAP']:.3f}), exported "
-                    f"with {patches} background patches of those voices")
+    manifest = load_bundle(bundle).manifest
+    origin = (f"TCN ({config.model.channels} channels) trained {sizes['epochs']} epochs on a synthetic mouth-sound "
+              f"corpus of {sizes['voices']} voices (data_prep/mouth_corpus.py; the user's voice is not among them) "
+              f"with the lea16k frontend (val mAP {result['best_mAP']:.3f}), exported with "
+              f"{manifest['background']['patches']} background patches of those voices")
+    return bundle, manifest["manifest_sha256"], origin
 
 
 def _write_takes(folder: Path, waves: list[np.ndarray], rate: int) -> list[Path]:
@@ -215,6 +222,17 @@ class Quality:
                         for name in {*self.triggers, *other.triggers}},
                        self.seconds + other.seconds)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The raw figures as plain JSON values (counts as ``[tp, fp, fn]``); :meth:`from_dict` reads them back."""
+        return {"counts": {name: [c.tp, c.fp, c.fn] for name, c in self.counts.items()},
+                "latencies": self.latencies, "triggers": self.triggers, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Quality:
+        """The figures :meth:`to_dict` wrote."""
+        return cls({name: EventCounts(*c) for name, c in data["counts"].items()}, data["latencies"],
+                   data["triggers"], data["seconds"])
+
     def figures(self) -> dict[str, Any]:
         """Precision, recall, F1, latencies, false triggers (per hour and by sound) as plain numbers."""
         overall = sum(self.counts.values(), EventCounts(0, 0, 0))
@@ -298,6 +316,42 @@ def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, us
     return quality, facts, stream
 
 
+def code_sha256() -> str:
+    """SHA-256 over the project's Python sources (``clients``, ``fl``, ``data_prep``): figures that other code
+    measured are never resumed."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(p for package in ("clients", "fl", "data_prep") for p in (root / package).rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def user_key(global_sha256: str, sizes: Mapping[str, Any], seed: int, user_seed: int,
+             settings: PersonalizeConfig) -> dict[str, Any]:
+    """Everything a user's figures depend on, as plain JSON values: a saved result is resumed only when its key
+    is the same."""
+    key = {"code_sha256": code_sha256(), "global_model_sha256": global_sha256, "sizes": dict(sizes), "seed": seed,
+           "user": user_seed, "examples": list(EXAMPLES), "settings": to_dict(settings)}
+    return json.loads(json.dumps(key))  # tuples as lists, as they come back from the file
+
+
+def saved_user(folder: Path, key: Mapping[str, Any]
+               ) -> tuple[dict[int, Quality], dict[int, dict[str, Any]], dict[str, Any]] | None:
+    """What :func:`bench_user` returned for ``folder``'s user in an earlier run with the same ``key`` (its
+    ``USER_RESULT`` and probabilities are there), else None."""
+    path = folder / USER_RESULT
+    if not path.is_file() or not all((folder / f"probabilities-{n}.npz").is_file() for n in EXAMPLES):
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None  # written atomically, so only an edit by hand gets here: measure again
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        return None
+    return ({int(n): Quality.from_dict(q) for n, q in saved["quality"].items()},
+            {int(n): facts for n, facts in saved["facts"].items()}, saved["stream"])
+
+
 def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | None = None, progress: bool = True,
                           seed: int = 0, settings: PersonalizeConfig | None = None,
                           user_seeds: Sequence[int] | None = None, aggressor_hours: float | None = None
@@ -322,14 +376,24 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
         settings = replace(settings, steps=min(settings.steps, sizes["steps"]),
                            head_warmup_steps=min(settings.head_warmup_steps, sizes["steps"] // 5))
     started = time.perf_counter()
-    bundle, origin = global_bundle(workdir, quick, seed, progress)
+    bundle, global_sha256, origin = global_bundle(workdir, quick, seed, progress)
     setup_s = time.perf_counter() - started
 
     pooled: dict[int, Quality] = {}
     users: dict[str, Any] = {}
     for user_seed in user_seeds:
-        quality, facts, stream = bench_user(workdir / f"user-{user_seed}", bundle, sizes, seed, user_seed, settings,
-                                    progress)
+        folder = workdir / f"user-{user_seed}"
+        key = user_key(global_sha256, sizes, seed, user_seed, settings)
+        resumed = saved_user(folder, key)
+        if resumed is None:
+            quality, facts, stream = bench_user(folder, bundle, sizes, seed, user_seed, settings, progress)
+            write_json(folder / USER_RESULT, {"key": key, "quality": {n: q.to_dict() for n, q in quality.items()},
+                                              "facts": facts, "stream": stream})
+        else:
+            quality, facts, stream = resumed
+            if progress:
+                print(f"user {user_seed}: figures of an earlier run with the same code and settings "
+                      f"({folder / USER_RESULT})")
         users[str(user_seed)] = {"test_stream": stream}
         for count, q in quality.items():
             pooled[count] = pooled[count] + q if count in pooled else q
@@ -346,6 +410,7 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
         "threads": torch.get_num_threads(),
         "quick": quick,
         "global_model": origin,
+        "global_model_sha256": global_sha256,
         "global_model_setup_s": setup_s,
         "settings": to_dict(settings),
         "users": users,

@@ -432,7 +432,8 @@ def test_a_false_trigger_belongs_to_the_aggressor_clip_under_it():
     assert aggressor_under(5.0, clips) == "floor" and aggressor_under(0.5, clips) == "floor"
 
 
-def test_personalize_bench_quick_reports_each_user_and_the_pool(tmp_path, capsys):
+def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_path, capsys, monkeypatch):
+    from clients import bench_personalize
     from clients.bench_personalize import run_personalize_bench
 
     report = run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12), aggressor_hours=0.05)
@@ -459,3 +460,24 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool(tmp_path, capsys
         assert picked["precision"] == ten["per_sound"][label]["precision"]
         assert picked["false_triggers"] == ten["false_triggers_by_sound"].get(label, 0)
     assert (tmp_path / "personalize-tradeoff.png").stat().st_size > 0 and "operating points" in table
+
+    # a rerun resumes each user measured with the same code, settings and global model; any other is measured
+    saved = json.loads((tmp_path / f"user-{seed}" / "result.json").read_text())
+    assert saved["key"]["user"] == int(seed) and saved["key"]["global_model_sha256"] == report["global_model_sha256"]
+
+    def measure_again(*args, **kwargs):
+        raise RuntimeError("measured again")
+
+    monkeypatch.setattr(bench_personalize, "bench_user", measure_again)
+    again = run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12), aggressor_hours=0.05)
+    for part in ("users", "results", "tradeoff", "global_model_sha256"):
+        assert json.dumps(again[part]) == json.dumps(report[part])  # NaN latencies where nothing was detected
+    other_settings = dataclasses.replace(bench_personalize.load_personalize_config(), refractory_ms=400.0)
+    for other in ({"settings": other_settings}, {"aggressor_hours": 0.06}):
+        with pytest.raises(RuntimeError, match="measured again"):
+            run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12),
+                                  **{"aggressor_hours": 0.05, **other})
+    monkeypatch.setattr(bench_personalize, "code_sha256", lambda: "0" * 64)
+    with pytest.raises(RuntimeError, match="measured again"):
+        run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12), aggressor_hours=0.05)
+
