@@ -386,6 +386,7 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
         key = user_key(global_sha256, sizes, seed, user_seed, settings)
         resumed = saved_user(folder, key)
         if resumed is None:
+            (folder / USER_RESULT).unlink(missing_ok=True)  # its probabilities are about to be overwritten
             quality, facts, stream = bench_user(folder, bundle, sizes, seed, user_seed, settings, progress)
             write_json(folder / USER_RESULT, {"key": key, "quality": {n: q.to_dict() for n, q in quality.items()},
                                               "facts": facts, "stream": stream})

@@ -462,8 +462,10 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_
     assert (tmp_path / "personalize-tradeoff.png").stat().st_size > 0 and "operating points" in table
 
     # a rerun resumes each user measured with the same code, settings and global model; any other is measured
-    saved = json.loads((tmp_path / f"user-{seed}" / "result.json").read_text())
-    assert saved["key"]["user"] == int(seed) and saved["key"]["global_model_sha256"] == report["global_model_sha256"]
+    # again, and its saved figures are removed before its probabilities are overwritten
+    result = tmp_path / f"user-{seed}" / "result.json"
+    saved = result.read_text()
+    assert json.loads(saved)["key"]["global_model_sha256"] == report["global_model_sha256"]
 
     def measure_again(*args, **kwargs):
         raise RuntimeError("measured again")
@@ -473,11 +475,13 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_
     for part in ("users", "results", "tradeoff", "global_model_sha256"):
         assert json.dumps(again[part]) == json.dumps(report[part])  # NaN latencies where nothing was detected
     other_settings = dataclasses.replace(bench_personalize.load_personalize_config(), refractory_ms=400.0)
-    for other in ({"settings": other_settings}, {"aggressor_hours": 0.06}):
+    same_code = json.loads(saved)["key"]["code_sha256"]
+    for code, other in ((same_code, {"settings": other_settings}), (same_code, {"aggressor_hours": 0.06}),
+                        ("0" * 64, {})):
+        result.write_text(saved)
+        monkeypatch.setattr(bench_personalize, "code_sha256", lambda code=code: code)
         with pytest.raises(RuntimeError, match="measured again"):
             run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12),
                                   **{"aggressor_hours": 0.05, **other})
-    monkeypatch.setattr(bench_personalize, "code_sha256", lambda: "0" * 64)
-    with pytest.raises(RuntimeError, match="measured again"):
-        run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12), aggressor_hours=0.05)
+        assert not result.exists()
 
