@@ -326,11 +326,11 @@ def code_sha256() -> str:
     return digest.hexdigest()
 
 
-def user_key(global_sha256: str, sizes: Mapping[str, Any], seed: int, user_seed: int,
+def user_key(code: str, global_sha256: str, sizes: Mapping[str, Any], seed: int, user_seed: int,
              settings: PersonalizeConfig) -> dict[str, Any]:
-    """Everything a user's figures depend on, as plain JSON values: a saved result is resumed only when its key
-    is the same."""
-    key = {"code_sha256": code_sha256(), "global_model_sha256": global_sha256, "sizes": dict(sizes), "seed": seed,
+    """Everything a user's figures depend on (``code``: :func:`code_sha256`), as plain JSON values: a saved result
+    is resumed only when its key is the same."""
+    key = {"code_sha256": code, "global_model_sha256": global_sha256, "sizes": dict(sizes), "seed": seed,
            "user": user_seed, "examples": list(EXAMPLES), "settings": to_dict(settings)}
     return json.loads(json.dumps(key))  # tuples as lists, as they come back from the file
 
@@ -381,9 +381,10 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
 
     pooled: dict[int, Quality] = {}
     users: dict[str, Any] = {}
+    code = code_sha256()
     for user_seed in user_seeds:
         folder = workdir / f"user-{user_seed}"
-        key = user_key(global_sha256, sizes, seed, user_seed, settings)
+        key = user_key(code, global_sha256, sizes, seed, user_seed, settings)
         resumed = saved_user(folder, key)
         if resumed is None:
             (folder / USER_RESULT).unlink(missing_ok=True)  # its probabilities are about to be overwritten
