@@ -10,7 +10,9 @@
 2. Synthetic users (``USER_SEEDS``, four, or those of ``--users``; their voices are not in the corpus): each
    enrolls 10 takes of each of the five mouth sounds and three minutes of background (six 30 s takes of their
    room with its noises, sometimes a television, and their own speech) through :func:`clients.enroll.enroll` from
-   WAV files; a second profile holds the first 5 takes of each sound and the same background.
+   WAV files; a second profile holds the first 5 takes of each sound and the same background (``EXAMPLES``;
+   ``--examples`` chooses the counts: ``--examples 10`` alone halves the time a screen of settings takes, with the
+   same 10-example figures).
 3. :func:`clients.personalize.personalize` fine-tunes each profile (timed).
 4. Each personal bundle runs (frontend, TCN, the streaming post-processing) over its user's held-out test
    stream (mouth sounds at known onsets between speech-like and noise aggressors) and over five hours of that
@@ -21,10 +23,11 @@
    It takes tens of hours to tell a rate of 0.3 per hour from 0.6: four users' 20 hours let six false
    triggers in, and none in 20 h bounds the rate below 0.15 per hour (95%); one hour per user could not.
 5. Operating points (:mod:`clients.tradeoff`): each personal model's probabilities over its user's audio are
-   saved (``user-U/probabilities-N.npz``); for 10 examples the post-processing is rerun over them at other
-   on-thresholds and holds, pooled over the users: a table, and a figure beside the JSON (``NAME-tradeoff.png``).
+   saved (``user-U/probabilities-N.npz``); for the largest count of examples (10) the post-processing is rerun
+   over them at other on-thresholds and holds, pooled over the users: a table, and a figure beside the JSON
+   (``NAME-tradeoff.png``).
 6. Resume: each user's figures are saved (``user-U/result.json``) as soon as they are measured, keyed by
-   everything they depend on (:func:`user_key`: the code, settings, sizes, seeds and global model); a rerun
+   everything they depend on (:func:`user_key`: the code, settings, sizes, seeds, examples and global model); a rerun
    takes a user whose key matches from there instead of measuring it again.
 
 Targets (issue 8), with 10 examples per sound: precision and recall at least 0.95, at most 0.3 false
@@ -78,7 +81,7 @@ from fl.config import CONFIG_DIR, Config, load_config, to_dict
 from fl.errors import ConfigError
 
 TARGETS = {"precision": 0.95, "recall": 0.95, "false_triggers_per_hour": 0.3}
-EXAMPLES = (10, 5)
+EXAMPLES = (10, 5)  # enrollment examples per sound: one profile per count, the takes of the smaller ones a prefix
 AGGRESSOR_HOURS = 5.0  # aggressor-only audio per user
 AGGRESSOR_CHUNK_S = 300.0
 USER_SEEDS = (7, 8, 9, 10)  # the synthetic users, in order; the first was the benchmark's only user before
@@ -143,20 +146,22 @@ def _write_takes(folder: Path, waves: list[np.ndarray], rate: int) -> list[Path]
     return paths
 
 
-def enroll_user(workdir: Path, sizes: dict[str, Any], seed: int, user_seed: int) -> dict[int, Path]:
-    """Synthesize a user's takes, enroll them into one profile per example count; returns count -> profile."""
+def enroll_user(workdir: Path, sizes: dict[str, Any], seed: int, user_seed: int, examples: Sequence[int] = EXAMPLES
+                ) -> dict[int, Path]:
+    """Synthesize a user's takes, enroll them into one profile per example count (the first ``count`` takes of
+    each sound, whatever the other counts); returns count -> profile."""
     voice = make_voice([seed, user_seed])
     takes_dir = workdir / "takes"
     shutil.rmtree(takes_dir, ignore_errors=True)
     files = {}
     for k, sound in enumerate(SOUNDS):
-        takes = [enrollment_take(sound, voice, [seed, user_seed, 1, k, i]) for i in range(max(EXAMPLES))]
+        takes = [enrollment_take(sound, voice, [seed, user_seed, 1, k, i]) for i in range(max(examples))]
         files[sound] = _write_takes(takes_dir / sound, [t.wave for t in takes], takes[0].sample_rate)
     background = [background_take(voice, [seed, user_seed, 2, i], seconds=BACKGROUND_TAKE_S)
                   for i in range(sizes["background_takes"])]
     background_files = _write_takes(takes_dir / "background", [t.wave for t in background], background[0].sample_rate)
     profiles = {}
-    for count in EXAMPLES:
+    for count in examples:
         profile = workdir / "profiles" / f"{count}-examples"
         shutil.rmtree(profile, ignore_errors=True)
         for sound in SOUNDS:
@@ -285,11 +290,11 @@ def evaluate_bundles(sources: Mapping[int, Path], test_wave: np.ndarray, referen
 
 
 def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, user_seed: int,
-               settings: PersonalizeConfig, progress: bool
+               settings: PersonalizeConfig, progress: bool, examples: Sequence[int] = EXAMPLES
                ) -> tuple[dict[int, Quality], dict[int, dict[str, Any]], dict[str, Any]]:
-    """One synthetic user: enroll, personalize each profile, evaluate; returns (count -> quality, count -> facts of
-    the fine-tuning, the test stream's size)."""
-    profiles = enroll_user(workdir, sizes, seed, user_seed)
+    """One synthetic user: enroll (one profile per count in ``examples``), personalize each profile, evaluate;
+    returns (count -> quality, count -> facts of the fine-tuning, the test stream's size)."""
+    profiles = enroll_user(workdir, sizes, seed, user_seed, examples)
     voice = make_voice([seed, user_seed])
     test = make_test_stream(voice, sizes["events_per_sound"], [seed, user_seed, 3])
     n_chunks = max(1, int(round(sizes["aggressor_s"] / AGGRESSOR_CHUNK_S)))
@@ -327,20 +332,20 @@ def code_sha256() -> str:
 
 
 def user_key(code: str, global_sha256: str, sizes: Mapping[str, Any], seed: int, user_seed: int,
-             settings: PersonalizeConfig) -> dict[str, Any]:
+             settings: PersonalizeConfig, examples: Sequence[int] = EXAMPLES) -> dict[str, Any]:
     """Everything a user's figures depend on (``code``: :func:`code_sha256`), as plain JSON values: a saved result
     is resumed only when its key is the same."""
     key = {"code_sha256": code, "global_model_sha256": global_sha256, "sizes": dict(sizes), "seed": seed,
-           "user": user_seed, "examples": list(EXAMPLES), "settings": to_dict(settings)}
+           "user": user_seed, "examples": list(examples), "settings": to_dict(settings)}
     return json.loads(json.dumps(key))  # tuples as lists, as they come back from the file
 
 
 def saved_user(folder: Path, key: Mapping[str, Any]
                ) -> tuple[dict[int, Quality], dict[int, dict[str, Any]], dict[str, Any]] | None:
     """What :func:`bench_user` returned for ``folder``'s user in an earlier run with the same ``key`` (its
-    ``USER_RESULT`` and probabilities are there), else None."""
+    ``USER_RESULT`` and the probabilities of each count in ``key["examples"]`` are there), else None."""
     path = folder / USER_RESULT
-    if not path.is_file() or not all((folder / f"probabilities-{n}.npz").is_file() for n in EXAMPLES):
+    if not path.is_file() or not all((folder / f"probabilities-{n}.npz").is_file() for n in key["examples"]):
         return None
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
@@ -354,24 +359,29 @@ def saved_user(folder: Path, key: Mapping[str, Any]
 
 def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | None = None, progress: bool = True,
                           seed: int = 0, settings: PersonalizeConfig | None = None,
-                          user_seeds: Sequence[int] | None = None, aggressor_hours: float | None = None
-                          ) -> dict[str, Any]:
+                          user_seeds: Sequence[int] | None = None, aggressor_hours: float | None = None,
+                          examples: Sequence[int] | None = None) -> dict[str, Any]:
     """Run the benchmark (module docstring); print a table and write JSON (``out_json`` or
     ``WORKDIR/personalize.json``). ``user_seeds``: other synthetic users than ``USER_SEEDS`` (a check of
     settings on users they were not chosen on); ``quick`` takes the first only. ``aggressor_hours``: hours of
     aggressor-only audio per user (default ``AGGRESSOR_HOURS``, or two minutes with ``quick``); the first
-    hour is the same audio whatever the length."""
+    hour is the same audio whatever the length. ``examples``: enrollment examples per sound, one profile per
+    count (default ``EXAMPLES``); the operating points are those of the largest."""
     sizes = _sizes(quick)
     if aggressor_hours is not None:
         if not 0 < aggressor_hours <= 1000:
             raise ConfigError(f"aggressor-hours: must be in (0, 1000], got {aggressor_hours}")
         sizes["aggressor_s"] = 3600.0 * aggressor_hours
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     user_seeds = list(USER_SEEDS if user_seeds is None else user_seeds)[: sizes["users"]]
     if not user_seeds or len(set(user_seeds)) != len(user_seeds):
         raise ConfigError(f"users: need one or more distinct user seeds, got {user_seeds}")
     settings = settings or load_personalize_config()
+    examples = list(EXAMPLES if examples is None else examples)
+    if not examples or len(set(examples)) != len(examples) or min(examples) < settings.min_examples:
+        raise ConfigError(f"examples: need one or more distinct counts of at least min-examples "
+                          f"({settings.min_examples}), got {examples}")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     if sizes["steps"] is not None:
         settings = replace(settings, steps=min(settings.steps, sizes["steps"]),
                            head_warmup_steps=min(settings.head_warmup_steps, sizes["steps"] // 5))
@@ -384,11 +394,11 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
     code = code_sha256()
     for user_seed in user_seeds:
         folder = workdir / f"user-{user_seed}"
-        key = user_key(code, global_sha256, sizes, seed, user_seed, settings)
+        key = user_key(code, global_sha256, sizes, seed, user_seed, settings, examples)
         resumed = saved_user(folder, key)
         if resumed is None:
             (folder / USER_RESULT).unlink(missing_ok=True)  # its probabilities are about to be overwritten
-            quality, facts, stream = bench_user(folder, bundle, sizes, seed, user_seed, settings, progress)
+            quality, facts, stream = bench_user(folder, bundle, sizes, seed, user_seed, settings, progress, examples)
             write_json(folder / USER_RESULT, {"key": key, "quality": {n: q.to_dict() for n, q in quality.items()},
                                               "facts": facts, "stream": stream})
         else:
@@ -420,7 +430,7 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
         "targets": TARGETS,
     }
     out_json = Path(out_json) if out_json is not None else workdir / "personalize.json"
-    count = max(EXAMPLES)
+    count = max(examples)
     runs = [load_probabilities(workdir / f"user-{user_seed}" / f"probabilities-{count}.npz")
             for user_seed in user_seeds]
     report["tradeoff"] = {"examples_per_sound": count, "sounds": tradeoff(runs)}

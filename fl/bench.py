@@ -12,8 +12,8 @@ from typing import Any
 from fl.errors import ConfigError
 
 # stage -> (module, function); every function takes (workdir, quick, out_json, progress) and returns a dict of
-# figures; run_personalize_bench also takes settings (from --config), user_seeds (from --users) and
-# aggressor_hours (from --aggressor-hours).
+# figures; run_personalize_bench also takes settings (from --config), user_seeds (from --users),
+# aggressor_hours (from --aggressor-hours) and examples (from --examples).
 BENCHES = {
     "prep": ("fl.bench_prep", "run_prep_bench"),
     "train": ("fl.bench_train", "run_train_bench"),
@@ -26,18 +26,21 @@ BENCHES = {
 PERSONALIZE_ONLY = {
     "--users": "has no synthetic users; only bench personalize takes them",
     "--aggressor-hours": "has no aggressor audio; only bench personalize takes it",
+    "--examples": "enrolls nobody; only bench personalize takes a number of examples",
     "--config": "has fixed settings; only bench personalize reads a config (its [personalize] table)",
 }
 
 
 def run_bench(what: str, workdir: Path, quick: bool = False, out: Path | None = None, config: Path | None = None,
-              progress: bool = True, users: list[int] | None = None, aggressor_hours: float | None = None) -> int:
+              progress: bool = True, users: list[int] | None = None, aggressor_hours: float | None = None,
+              examples: list[int] | None = None) -> int:
     """Run one benchmark into ``workdir/bench/WHAT``. ``config``: a TOML file whose ``[personalize]`` table
     bench personalize fine-tunes with; ``users``: the synthetic users' seeds bench personalize runs (default
-    its own four); ``aggressor_hours``: hours of aggressor-only audio per user (default 1); the other
-    benchmarks have fixed settings and refuse all three. ``progress``: progress bars on the long steps."""
+    its own four); ``aggressor_hours``: hours of aggressor-only audio per user (default 5); ``examples``: the
+    enrollment examples per sound it personalizes with (default 10 and 5); the other benchmarks have fixed
+    settings and refuse all four. ``progress``: progress bars on the long steps."""
     module_name, function = BENCHES[what]
-    given = {"--users": users, "--aggressor-hours": aggressor_hours, "--config": config}
+    given = {"--users": users, "--aggressor-hours": aggressor_hours, "--examples": examples, "--config": config}
     if what != "personalize":
         for flag, value in given.items():
             if value is not None:
@@ -47,6 +50,8 @@ def run_bench(what: str, workdir: Path, quick: bool = False, out: Path | None = 
         options["user_seeds"] = users
     if aggressor_hours is not None:
         options["aggressor_hours"] = aggressor_hours
+    if examples is not None:
+        options["examples"] = examples
     if config is not None:
         from clients.personalize import load_personalize_config
 

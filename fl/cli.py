@@ -26,8 +26,8 @@ def _progress(args: argparse.Namespace) -> bool:
     return args.verbosity >= 0
 
 
-def _user_seeds(text: str) -> list[int]:
-    """``--users 11,12``: distinct non-negative integers."""
+def _distinct_integers(text: str) -> list[int]:
+    """``--users 11,12``, ``--examples 10,5``: distinct non-negative integers."""
     try:
         seeds = [int(part) for part in text.split(",")]
     except ValueError:
@@ -194,7 +194,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     return run_bench(args.what, Path(args.workdir), quick=args.quick, out=Path(args.out) if args.out else None,
                      config=args.config, progress=_progress(args), users=args.users,
-                     aggressor_hours=args.aggressor_hours)
+                     aggressor_hours=args.aggressor_hours, examples=args.examples)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -329,11 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["prep", "train", "sim", "sweep", "stream", "personalize"])
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     p.add_argument("--out", default=None, help="JSON file for the figures")
-    p.add_argument("--users", type=_user_seeds, default=None, metavar="SEED,SEED,...",
+    p.add_argument("--users", type=_distinct_integers, default=None, metavar="SEED,SEED,...",
                    help="bench personalize: the synthetic users to run (default 7,8,9,10, the benchmark's own)")
     p.add_argument("--aggressor-hours", type=float, default=None, metavar="H",
                    help="bench personalize: hours of aggressor-only audio per user (default 5: 20 h over four "
                         "users, enough to tell a rate of 0.3 per hour from 0.6)")
+    p.add_argument("--examples", type=_distinct_integers, default=None, metavar="N,N,...",
+                   help="bench personalize: enrollment examples per sound, one profile each (default 10,5; "
+                        "10 alone halves the time a screen of settings takes)")
     return parser
 
 

@@ -85,7 +85,7 @@ def test_bench_personalize_reads_the_config_and_other_benches_refuse_one(tmp_pat
     assert not (tmp_path / "bench" / "sim").exists()
 
 
-def test_bench_users_and_aggressor_hours_are_checked_and_only_bench_personalize_takes_them(tmp_path, capsys) -> None:
+def test_bench_users_hours_and_examples_are_checked_and_only_bench_personalize_takes_them(tmp_path, capsys) -> None:
     for bad in ("11,x", "11,11", "-3"):
         with pytest.raises(SystemExit):
             main(["bench", "personalize", "--users", bad, "--workdir", str(tmp_path), "-q"])
@@ -101,6 +101,17 @@ def test_bench_users_and_aggressor_hours_are_checked_and_only_bench_personalize_
     code = main(["bench", "personalize", "--aggressor-hours", "0", "--workdir", str(tmp_path), "-q"])
     assert code == 1
     assert "aggressor-hours: must be in (0, 1000], got 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "bench" / "personalize").exists()
+    with pytest.raises(SystemExit):
+        main(["bench", "personalize", "--examples", "10,10", "--workdir", str(tmp_path), "-q"])
+    assert "--examples: expected distinct non-negative integers, got '10,10'" in capsys.readouterr().err
+    code = main(["bench", "train", "--examples", "10", "--workdir", str(tmp_path), "-q"])
+    assert code == 1
+    assert "--examples: bench train enrolls nobody" in capsys.readouterr().err
+    code = main(["bench", "personalize", "--examples", "10,3", "--workdir", str(tmp_path), "-q"])
+    assert code == 1
+    assert "examples: need one or more distinct counts of at least min-examples (5), got [10, 3]" in \
+        capsys.readouterr().err
     assert not (tmp_path / "bench" / "personalize").exists()
 
 

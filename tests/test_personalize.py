@@ -432,6 +432,20 @@ def test_a_false_trigger_belongs_to_the_aggressor_clip_under_it():
     assert aggressor_under(5.0, clips) == "floor" and aggressor_under(0.5, clips) == "floor"
 
 
+def test_bench_enrolls_the_first_takes_of_each_sound_whatever_the_other_counts(tmp_path):
+    from clients.bench_personalize import _sizes, enroll_user
+    from clients.profile import Profile
+
+    both = enroll_user(tmp_path / "both", _sizes(True), 0, 11, (10, 5))
+    alone = enroll_user(tmp_path / "alone", _sizes(True), 0, 11, (5,))
+    assert sorted(both) == [5, 10] and list(alone) == [5]
+    profiles = {name: Profile.load(p) for name, p in (("both", both[5]), ("alone", alone[5]), ("ten", both[10]))}
+    for sound, examples in profiles["alone"].sounds.items():
+        assert len(examples) == 5 and len(profiles["ten"].sounds[sound]) == 10
+        for mine, theirs in zip(examples, profiles["both"].sounds[sound], strict=True):
+            assert np.array_equal(profiles["alone"].read(mine)[0], profiles["both"].read(theirs)[0])
+
+
 def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_path, capsys, monkeypatch):
     from clients import bench_personalize
     from clients.bench_personalize import run_personalize_bench
@@ -477,7 +491,7 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_
     other_settings = dataclasses.replace(bench_personalize.load_personalize_config(), refractory_ms=400.0)
     same_code = json.loads(saved)["key"]["code_sha256"]
     for code, other in ((same_code, {"settings": other_settings}), (same_code, {"aggressor_hours": 0.06}),
-                        ("0" * 64, {})):
+                        (same_code, {"examples": (10,)}), ("0" * 64, {})):
         result.write_text(saved)
         monkeypatch.setattr(bench_personalize, "code_sha256", lambda code=code: code)
         with pytest.raises(RuntimeError, match="measured again"):
