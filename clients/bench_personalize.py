@@ -146,7 +146,7 @@ def _write_takes(folder: Path, waves: list[np.ndarray], rate: int) -> list[Path]
     return paths
 
 
-def enroll_user(workdir: Path, sizes: dict[str, Any], seed: int, user_seed: int, examples: Sequence[int] = EXAMPLES
+def enroll_user(workdir: Path, sizes: dict[str, Any], seed: int, user_seed: int, examples: Sequence[int]
                 ) -> dict[int, Path]:
     """Synthesize a user's takes, enroll them into one profile per example count (the first ``count`` takes of
     each sound, whatever the other counts); returns count -> profile."""
@@ -290,7 +290,7 @@ def evaluate_bundles(sources: Mapping[int, Path], test_wave: np.ndarray, referen
 
 
 def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, user_seed: int,
-               settings: PersonalizeConfig, progress: bool, examples: Sequence[int] = EXAMPLES
+               settings: PersonalizeConfig, progress: bool, examples: Sequence[int]
                ) -> tuple[dict[int, Quality], dict[int, dict[str, Any]], dict[str, Any]]:
     """One synthetic user: enroll (one profile per count in ``examples``), personalize each profile, evaluate;
     returns (count -> quality, count -> facts of the fine-tuning, the test stream's size)."""
@@ -332,7 +332,7 @@ def code_sha256() -> str:
 
 
 def user_key(code: str, global_sha256: str, sizes: Mapping[str, Any], seed: int, user_seed: int,
-             settings: PersonalizeConfig, examples: Sequence[int] = EXAMPLES) -> dict[str, Any]:
+             settings: PersonalizeConfig, examples: Sequence[int]) -> dict[str, Any]:
     """Everything a user's figures depend on (``code``: :func:`code_sha256`), as plain JSON values: a saved result
     is resumed only when its key is the same."""
     key = {"code_sha256": code, "global_model_sha256": global_sha256, "sizes": dict(sizes), "seed": seed,
