@@ -164,8 +164,7 @@ def format_tradeoff(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_tradeoff(table: dict[str, Any], out_png: Path, title: str, target: tuple[float, float] = (0.3, 0.95)
-                  ) -> Path:
+def plot_tradeoff(table: dict[str, Any], out_png: Path, title: str, target: tuple[float, float]) -> Path:
     """Recall against false triggers per hour, one panel per sound, one curve (over the on-thresholds) per hold;
     the picked setting is circled and the target region (at most ``target[0]`` per hour, recall at least
     ``target[1]``) shaded."""

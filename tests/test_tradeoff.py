@@ -122,7 +122,7 @@ def test_saved_probabilities_round_trip_and_the_table_and_figure(tmp_path):
     assert set(table["pop"]["+0ms"]) == {"picked", *(f"{on:g}" for on in ON_THRESHOLDS)}
     assert table["pop"]["+0ms"]["0.7"]["false_triggers"] == 1 and table["pop"]["+0ms"]["0.5"]["false_triggers"] == 2
     assert "pop" in format_tradeoff(table)
-    png = plot_tradeoff(table, tmp_path / "tradeoff.png", "test")
+    png = plot_tradeoff(table, tmp_path / "tradeoff.png", "test", target=(0.3, 0.95))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
