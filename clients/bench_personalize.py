@@ -64,9 +64,8 @@ from clients.mouth_sounds import (
     make_test_stream,
     make_voice,
 )
-from clients.personalize import PersonalizeConfig, load_personalize_config, personalize
+from clients.personalize import PersonalizeConfig, load_personalize_config, personalize, stream_probabilities
 from clients.postprocess import EventTracker
-from clients.stream import offline_probabilities
 from clients.tradeoff import (
     SavedProbabilities,
     format_tradeoff,
@@ -171,16 +170,17 @@ def enroll_user(workdir: Path, sizes: dict[str, Any], seed: int, user_seed: int,
     return profiles
 
 
-def detect(bundle: Bundle, probs: np.ndarray) -> list[tuple[str, float, float]]:
-    """Onset events ``(label, onset_s, emitted_s)`` of a bundle's post-processing over its probabilities.
+def detect(bundle: Bundle, probs: np.ndarray, levels: np.ndarray) -> list[tuple[str, float, float]]:
+    """Onset events ``(label, onset_s, emitted_s)`` of a bundle's post-processing over its probabilities and the
+    frames' levels.
 
     ``emitted_s`` is when a streaming detector emits the event: its confirming frame plus the frontend delay.
     """
     frame_s, delay_s = bundle.frontend_config.frame_s, bundle.frontend_config.delay_s
     tracker = EventTracker(bundle.labels, bundle.detector, frame_s)
     events = []
-    for t, row in enumerate(probs):
-        for event in tracker.update(row[None], t * frame_s + delay_s):
+    for t, (row, level) in enumerate(zip(probs, levels, strict=True)):
+        for event in tracker.update(row[None], t * frame_s + delay_s, level[None]):
             if event.type == "onset":
                 events.append((event.label, event.onset_s, event.emitted_s))
     return events
@@ -268,22 +268,29 @@ def evaluate_bundles(sources: Mapping[int, Path], test_wave: np.ndarray, referen
     aggressor audio is made once for all the bundles, one chunk at a time."""
     bundles = {key: load_bundle(source) for key, source in sources.items()}
     frontends = {key: bundle.frontend() for key, bundle in bundles.items()}
-    aggressor: dict[int, list[np.ndarray]] = {key: [] for key in bundles}
+
+    def outputs(key: int, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        frames = frontends[key].frames(wave, frontends[key].config.sample_rate)
+        return stream_probabilities(bundles[key].model, frames), frontends[key].levels_db(frames)
+
+    aggressor: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {key: [] for key in bundles}
     triggers: dict[int, dict[str, dict[str, int]]] = {key: {} for key in bundles}
     for chunk in aggressor_chunks:
         for key, bundle in bundles.items():
-            aggressor[key].append(offline_probabilities(bundle.model, frontends[key], chunk.wave))
-            for label, onset, _ in detect(bundle, aggressor[key][-1]):
+            aggressor[key].append(outputs(key, chunk.wave))
+            for label, onset, _ in detect(bundle, *aggressor[key][-1]):
                 kinds = triggers[key].setdefault(label, {})
                 kind = aggressor_under(onset, chunk.aggressors)
                 kinds[kind] = kinds.get(kind, 0) + 1
     results = {}
     for key, bundle in bundles.items():
-        test = offline_probabilities(bundle.model, frontends[key], test_wave)
-        detected = detect(bundle, test)
+        test, test_levels = outputs(key, test_wave)
+        detected = detect(bundle, test, test_levels)
         counts = event_counts(reference, detected, COLLAR_S, list(SOUNDS))
         saved = SavedProbabilities(bundle.labels, bundle.detector, bundle.frontend_config.frame_s, test,
-                                   [(label, onset) for label, onset, _ in reference], aggressor[key])
+                                   [(label, onset) for label, onset, _ in reference],
+                                   [probs for probs, _ in aggressor[key]], test_levels,
+                                   [levels for _, levels in aggressor[key]])
         results[key] = (Quality({name: counts[name] for name in SOUNDS}, _latencies(reference, detected),
                                 triggers[key], saved.aggressor_seconds), saved)
     return results

@@ -45,7 +45,9 @@ take costs more than 0.1 of F1). The report gives each sound's held-out precisio
 the false triggers per hour on the held-out background, the same F1 for the untuned head, and the time taken.
 
 The personal detector's post-processing keeps the global bundle's settings except the per-sound thresholds,
-the per-sound minimum durations, ``onset-at-rise``, ``rise-threshold`` and ``refractory-ms``. A sound holds
+the per-sound minimum durations, ``onset-at-rise``, ``rise-threshold``, ``refractory-ms`` and
+``min-onset-rise-db`` (6 dB: an event must rise that much in level into it, which a steady fan that the model
+takes for a pop does not). A sound holds
 ``min-duration-ms`` (250 ms lets the detector wait until a speech plosive or click-like transient has gone on
 into the next phoneme; the inflated labels keep a true click or pop high for about 300 ms); a sustained sound
 must also hold ``min-duration-fraction`` (1.25) times its short enrolled examples (their 20th percentile; it
@@ -86,9 +88,9 @@ from clients.bundle import Bundle, load_bundle, write_bundle
 from clients.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
 from clients.postprocess import EventTracker, min_duration_frames, to_frames
 from clients.profile import Profile, make_private_tree
-from fl.config import CONFIG_DIR, Config, DetectorConfig, PersonalizeConfig, load_config, to_dict
+from fl.config import CONFIG_DIR, Config, DetectorConfig, FrontendConfig, PersonalizeConfig, load_config, to_dict
 from fl.errors import FedsoundError
-from fl.frontend import band_centres_hz
+from fl.frontend import Frontend, band_centres_hz
 from fl.models import TCN
 
 DEFAULT_SETTINGS = CONFIG_DIR / "detector" / "personalize.toml"
@@ -134,6 +136,7 @@ class PersonalData:
     frame_s: float
     inflate: int
     band_hz: np.ndarray  # centre frequency of each mel band (for ``warp-percent``)
+    frontend_config: FrontendConfig  # the bundle's (frame levels for the detector's onset check)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     segment_s: dict[str, list[float]] = field(default_factory=dict)  # energy-labelled sound lengths per sound
 
@@ -205,7 +208,7 @@ def prepare_data(profile: Profile, bundle: Bundle, settings: PersonalizeConfig, 
         raise PersonalizeError(f"{profile.path}: no background material: enroll some with "
                                f"`fedsound enroll {profile.path} --background ...` (the bundle carries none)")
     return PersonalData(sounds, train, held_out, user_background, bundle_background, background_held_out, frame_s,
-                        inflate, band_centres_hz(bundle.frontend_config), counts, segment_s)
+                        inflate, band_centres_hz(bundle.frontend_config), bundle.frontend_config, counts, segment_s)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -431,6 +434,7 @@ class ValidationStream:
     frames: np.ndarray
     reference: list[tuple[str, float]]  # (sound, onset_s)
     background: list[tuple[int, int]]  # [start, stop) frames of background stretches
+    levels: np.ndarray  # each frame's level in dB (the detector's onset check)
 
     def background_seconds(self, frame_s: float) -> float:
         """Length of the background stretches."""
@@ -460,7 +464,8 @@ def validation_stream(data: PersonalData, seed: int) -> ValidationStream:
     if len(rest):
         parts.append(rest)
         stretches.append((position, position + len(rest)))
-    return ValidationStream(np.concatenate(parts).astype(np.float32), reference, stretches)
+    frames = np.concatenate(parts).astype(np.float32)
+    return ValidationStream(frames, reference, stretches, Frontend(data.frontend_config).levels_db(frames))
 
 
 @torch.inference_mode()
@@ -469,11 +474,12 @@ def stream_probabilities(model: TCN, frames: np.ndarray) -> np.ndarray:
     return torch.sigmoid(model.eval()(torch.from_numpy(frames).unsqueeze(0)))[0].numpy()
 
 
-def detect_onsets(probs: np.ndarray, labels: Sequence[str], settings: DetectorConfig, frame_s: float
-                  ) -> list[tuple[str, float]]:
-    """Onset events ``(label, onset_s)`` of the streaming post-processing run over ``probs``."""
+def detect_onsets(probs: np.ndarray, levels: np.ndarray, labels: Sequence[str], settings: DetectorConfig,
+                  frame_s: float) -> list[tuple[str, float]]:
+    """Onset events ``(label, onset_s)`` of the streaming post-processing run over ``probs`` and the frames'
+    ``levels``."""
     tracker = EventTracker(labels, settings, frame_s)
-    return [(e.label, e.onset_s) for e in tracker.update(probs, 0.0) if e.type == "onset"]
+    return [(e.label, e.onset_s) for e in tracker.update(probs, 0.0, levels) if e.type == "onset"]
 
 
 def min_durations(segment_s: Mapping[str, Sequence[float]], settings: PersonalizeConfig) -> dict[str, float]:
@@ -566,13 +572,14 @@ def detector_settings(sounds: Sequence[str], on: Sequence[float], settings: Pers
                       off: Sequence[float] | None = None) -> DetectorConfig:
     """The personal detector's post-processing: per-sound thresholds (``off`` default: on x ``off-ratio``) and
     minimum durations (``durations``, from :func:`min_durations`), onset dating (``onset-at-rise``,
-    ``rise-threshold``), refractory time."""
+    ``rise-threshold``), refractory time, the onset's level check (``min-onset-rise-db``)."""
     off = off_thresholds(on, [None] * len(on), settings) if off is None else off
     pairs = {name: [float(t), float(o)] for name, t, o in zip(sounds, on, off, strict=True)}
     return dataclasses.replace(base, class_thresholds=pairs, min_duration_ms=settings.min_duration_ms,
                                class_min_duration_ms=dict(durations), onset_at_rise=settings.onset_at_rise,
                                rise_threshold=settings.rise_threshold,
-                               refractory_ms=settings.refractory_ms)
+                               refractory_ms=settings.refractory_ms,
+                               min_onset_rise_db=settings.min_onset_rise_db)
 
 
 def pick_thresholds(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[str],
@@ -582,7 +589,8 @@ def pick_thresholds(probs: np.ndarray, stream: ValidationStream, sounds: Sequenc
     f1 = np.zeros((len(sounds), len(THRESHOLD_GRID)))
     for j, threshold in enumerate(THRESHOLD_GRID):
         detector = detector_settings(sounds, [threshold] * len(sounds), settings, base, durations)
-        counts = event_counts(stream.reference, detect_onsets(probs, sounds, detector, frame_s), COLLAR_S, sounds)
+        counts = event_counts(stream.reference, detect_onsets(probs, stream.levels, sounds, detector, frame_s),
+                              COLLAR_S, sounds)
         f1[:, j] = [counts[name].f1 for name in sounds]
     chosen = []
     for k in range(len(sounds)):
@@ -594,7 +602,7 @@ def pick_thresholds(probs: np.ndarray, stream: ValidationStream, sounds: Sequenc
 def evaluate_held_out(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[str], detector: DetectorConfig,
                       frame_s: float) -> tuple[dict[str, EventCounts], float]:
     """Per-sound event counts on the validation stream and false triggers per hour on its background."""
-    detected = detect_onsets(probs, sounds, detector, frame_s)
+    detected = detect_onsets(probs, stream.levels, sounds, detector, frame_s)
     counts = event_counts(stream.reference, detected, COLLAR_S, sounds)
     on_background = sum(1 for _, onset in detected
                         if any(a * frame_s <= onset < b * frame_s for a, b in stream.background))

@@ -17,6 +17,13 @@ For each class independently (frame ``t`` lies at ``t * frame_s`` seconds, the c
   counted in frames: rounded to the nearest whole number of frames, at least one), it is confirmed and an
   ``onset`` event is emitted at once: the detector does not wait for the sound to end. A candidate that falls
   below the off threshold before that is dropped without an event.
+* With ``min_onset_rise_db`` above 0, a candidate is confirmed only if the frames' level (their summed mel
+  power in dB, :meth:`fl.frontend.Frontend.levels_db`) rose by at least that much from just before its onset
+  (the mean over the frames 80 to 20 ms before it, ``BASE_MS``) to its loudest frame from then until it is
+  confirmed. A candidate that fails it is suppressed: no events, until its probability falls below off. A
+  steady fan that the model takes for a pop, or a second detection inside a sound already under way, has no
+  such rise; a sound made in a quiet stretch or over a steady noise has (a stream's first frames, without that
+  much history, are not checked).
 * The first frame below the off threshold ends a confirmed event: an ``offset`` event is emitted with the
   event's ``offset_s`` (that frame's time) and its peak ``score``. No new candidate of that class may start
   within ``refractory_ms`` (also rounded to whole frames) after the offset.
@@ -40,7 +47,8 @@ import numpy as np
 from fl.config import DetectorConfig
 from fl.errors import ConfigError
 
-_IDLE, _PENDING, _ACTIVE = 0, 1, 2
+_IDLE, _PENDING, _ACTIVE, _SUPPRESSED = 0, 1, 2, 3
+BASE_MS = (80.0, 20.0)  # the onset check's reference level: the frames from this long before the onset to this
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,11 @@ class EventTracker:
         self.confirm_frames = class_confirm_frames(self.labels, settings, frame_s)
         self.refractory_frames = to_frames(settings.refractory_ms, frame_s)
         self.max_rise_frames = to_frames(settings.max_rise_ms, frame_s)
+        self.base_frames = (to_frames(BASE_MS[0], frame_s), to_frames(BASE_MS[1], frame_s))
+        self.checks_rise = settings.min_onset_rise_db > 0
+        # frames of level history the onset check reaches back from the current frame
+        self.history_frames = self.max_rise_frames + self.base_frames[0] + 1
+        self._levels = np.zeros(self.history_frames + 1, dtype=np.float64)  # ring buffer, frame t at t % size
         n = len(self.labels)
         self._state = np.full(n, _IDLE, dtype=np.int8)
         self._onset = np.zeros(n, dtype=np.int64)  # reported onset frame
@@ -143,6 +156,8 @@ class EventTracker:
         self._latency_ms = np.zeros(n, dtype=np.float64)
         self._blocked_until = np.zeros(n, dtype=np.int64)  # first frame at which a candidate may start
         self._rise = np.zeros(n, dtype=np.int64)  # first frame of the current run at or above the rise level
+        self._base_level = np.zeros(n, dtype=np.float64)  # the candidate's level before its onset (dB)
+        self._loudest = np.zeros(n, dtype=np.float64)  # its loudest frame since then (dB)
         self._n_running = 0  # classes pending or active
         self.n_frames = 0
 
@@ -152,14 +167,22 @@ class EventTracker:
         longest over the classes when their minimum durations differ)."""
         return float(self.confirm_frames.max() - 1) * self.frame_s * 1000.0
 
-    def update(self, probs: np.ndarray, emitted_s: float) -> list[Event]:
-        """Consume the next frames' probabilities; events are stamped as emitted at ``emitted_s``."""
+    def update(self, probs: np.ndarray, emitted_s: float, levels: np.ndarray | None = None) -> list[Event]:
+        """Consume the next frames' probabilities (and their levels in dB, which the onset check needs); events
+        are stamped as emitted at ``emitted_s``."""
         probs = np.asarray(probs, dtype=np.float32)
         if probs.ndim != 2 or probs.shape[1] != len(self.labels):
             raise ValueError(f"probabilities must be [n_frames, {len(self.labels)}], got {probs.shape}")
+        if levels is None:
+            if self.checks_rise:
+                raise ValueError("min-onset-rise-db is set: the tracker needs the frames' levels")
+            levels = np.zeros(len(probs))
+        levels = np.asarray(levels, dtype=np.float64)
+        if levels.shape != (len(probs),):
+            raise ValueError(f"levels must be [{len(probs)}], one per frame, got {levels.shape}")
         events: list[Event] = []
-        for row in probs:
-            events.extend(self._step(row, emitted_s))
+        for row, level in zip(probs, levels, strict=True):
+            events.extend(self._step(row, level, emitted_s))
         return events
 
     def close(self, emitted_s: float) -> list[Event]:
@@ -177,9 +200,23 @@ class EventTracker:
                      offset_s=offset_s, score=float(self._peak[c]), latency_ms=float(self._latency_ms[c]),
                      emitted_s=emitted_s)
 
-    def _step(self, p: np.ndarray, emitted_s: float) -> list[Event]:
+    def _level_span(self, first: int, last: int) -> np.ndarray:
+        """Levels of the frames ``first..last - 1`` (clipped to the stream's first frame)."""
+        frames = np.arange(max(0, first), last)
+        return self._levels[frames % len(self._levels)]
+
+    def _start_check(self, c: int, t: int) -> None:
+        """The onset check's reference level and loudest frame so far for a candidate of class ``c`` starting
+        at frame ``t`` (its onset already dated)."""
+        onset = int(self._onset[c])
+        base = self._level_span(onset - self.base_frames[0], onset - self.base_frames[1])
+        self._base_level[c] = base.mean() if len(base) == self.base_frames[0] - self.base_frames[1] else -np.inf
+        self._loudest[c] = self._level_span(onset - self.base_frames[1], t + 1).max()
+
+    def _step(self, p: np.ndarray, level: float, emitted_s: float) -> list[Event]:
         t = self.n_frames
         self.n_frames += 1
+        self._levels[t % len(self._levels)] = level
         above_on = p >= self.on
         if self.settings.onset_at_rise:
             self._rise[p < self.rise_level] = t + 1  # a run at or above it can start at the next frame at the earliest
@@ -209,13 +246,21 @@ class EventTracker:
             self._peak[start] = 0.0
             state[start] = _PENDING
             running |= start
+            if self.checks_rise:
+                for c in np.flatnonzero(start):
+                    self._start_check(int(c), t)
+        if self.checks_rise:
+            np.maximum(self._loudest, level, out=self._loudest, where=state == _PENDING)
 
         np.maximum(self._peak, p, out=self._peak, where=running)
         confirm = (state == _PENDING) & (self._start <= t + 1 - self.confirm_frames)
         if confirm.any():
             for c in np.flatnonzero(confirm):
+                if self.checks_rise and self._loudest[c] - self._base_level[c] < self.settings.min_onset_rise_db:
+                    state[c] = _SUPPRESSED
+                    continue
                 self._latency_ms[c] = (emitted_s - self._onset[c] * self.frame_s) * 1000.0
                 events.append(self._event("onset", int(c), None, emitted_s))
-            state[confirm] = _ACTIVE
+                state[c] = _ACTIVE
         self._n_running = int(np.count_nonzero(running))
         return events

@@ -165,14 +165,15 @@ class StreamEngine:
 
     def push(self, block: np.ndarray) -> np.ndarray:
         """Add samples; return the probabilities of the frames they completed."""
-        return self._run(self.frontend.push(block))
+        return self.probabilities(self.frontend.push(block))
 
     def flush(self) -> np.ndarray:
         """End of stream: probabilities of the remaining frames."""
-        return self._run(self.frontend.flush())
+        return self.probabilities(self.frontend.flush())
 
     @torch.inference_mode()
-    def _run(self, frames: np.ndarray) -> np.ndarray:
+    def probabilities(self, frames: np.ndarray) -> np.ndarray:
+        """Probabilities of the next frames ``[k, n_mels]`` of this stream (the model's caches carry on)."""
         frames_t = torch.from_numpy(frames)
         probs = np.empty((len(frames), self.model.n_classes), dtype=np.float32)
         for i in range(len(frames)):
@@ -193,6 +194,7 @@ class StreamingDetector:
         if len(labels) != model.n_classes:
             raise ValueError(f"{len(labels)} labels for a model with {model.n_classes} classes")
         self.engine = StreamEngine(model, frontend)
+        self.frontend = frontend
         self.sample_rate = frontend.config.sample_rate
         self.tracker = EventTracker(labels, settings, frontend.config.frame_s)
 
@@ -213,13 +215,17 @@ class StreamingDetector:
 
     def feed(self, block: np.ndarray) -> list[Event]:
         """Process one block of samples; return the events it completed."""
-        probs = self.engine.push(block)
-        return self.tracker.update(probs, self.audio_seconds)
+        return self._track(self.engine.frontend.push(block))
 
     def finish(self, flush_audio: bool = True) -> list[Event]:
         """End of stream: the last frames (when ``flush_audio``), then the still active events are closed."""
-        events = self.tracker.update(self.engine.flush(), self.audio_seconds) if flush_audio else []
+        events = self._track(self.engine.frontend.flush()) if flush_audio else []
         return events + self.tracker.close(self.audio_seconds)
+
+    def _track(self, frames: np.ndarray) -> list[Event]:
+        """The events completed by the next frames (their probabilities and levels)."""
+        return self.tracker.update(self.engine.probabilities(frames), self.audio_seconds,
+                                   self.frontend.levels_db(frames))
 
 
 @torch.inference_mode()

@@ -41,6 +41,8 @@ class SavedProbabilities:
     test: np.ndarray  # [n, n_labels]
     reference: list[tuple[str, float]]  # (label, onset_s) of the test stream's sounds
     aggressor: list[np.ndarray]  # one [n_i, n_labels] array per aggressor-only chunk
+    test_levels: np.ndarray  # [n]: the frames' levels in dB (the detector's onset check)
+    aggressor_levels: list[np.ndarray]  # one [n_i] array per aggressor-only chunk
 
     @property
     def aggressor_seconds(self) -> float:
@@ -59,7 +61,9 @@ def save_probabilities(path: Path, saved: SavedProbabilities) -> Path:
         reference_labels=np.array([label for label, _ in saved.reference]),
         reference_onsets=np.array([onset for _, onset in saved.reference], dtype=np.float64),
         aggressor=np.concatenate(saved.aggressor).astype(np.float32),
-        aggressor_ends=np.cumsum([len(chunk) for chunk in saved.aggressor]))
+        aggressor_ends=np.cumsum([len(chunk) for chunk in saved.aggressor]),
+        test_levels=saved.test_levels.astype(np.float32),
+        aggressor_levels=np.concatenate(saved.aggressor_levels).astype(np.float32))
     tmp.replace(path)
     return path
 
@@ -69,34 +73,37 @@ def load_probabilities(path: Path) -> SavedProbabilities:
     try:
         with np.load(Path(path)) as data:
             detector = apply(Config(), {"detector": json.loads(str(data["detector"]))}, str(path)).detector
-            aggressor = np.split(data["aggressor"], data["aggressor_ends"][:-1])
+            ends = data["aggressor_ends"][:-1]
             reference = list(zip(data["reference_labels"].tolist(), data["reference_onsets"].tolist(), strict=True))
-            return SavedProbabilities(data["labels"].tolist(), detector, float(data["frame_s"]),
-                                      data["test"], reference, aggressor)
+            return SavedProbabilities(data["labels"].tolist(), detector, float(data["frame_s"]), data["test"],
+                                      reference, np.split(data["aggressor"], ends), data["test_levels"],
+                                      np.split(data["aggressor_levels"], ends))
     except FedsoundError:
         raise
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: not a readable probabilities file ({type(exc).__name__}: {exc})") from exc
 
 
-def _onsets(p: np.ndarray, label: str, on: float, off: float, hold_ms: float, base: DetectorConfig,
-            frame_s: float) -> list[float]:
-    """Onset times of one label's events over its probability track ``p`` (1-D).
+def _onsets(p: np.ndarray, levels: np.ndarray, label: str, on: float, off: float, hold_ms: float,
+            base: DetectorConfig, frame_s: float) -> list[float]:
+    """Onset times of one label's events over its probability track ``p`` (1-D) and the frames' ``levels``.
 
     Only the stretches that reach the off threshold (or the rise level that dates onsets, where that is lower)
-    are run through the tracker; they are separated by at least REGION_GAP_FRAMES frames below it, longer than
-    the refractory time, so each starts from an idle tracker exactly as in one pass over the whole track.
+    are run through the tracker; they are separated by more frames below it than REGION_GAP_FRAMES, the
+    refractory time and the onset check's level history, so each starts from an idle tracker that has seen that
+    history, exactly as in one pass over the whole track.
     """
     settings = dataclasses.replace(base, class_thresholds={label: [on, off]}, class_min_duration_ms={label: hold_ms})
     near = np.flatnonzero(p >= rise_levels([label], settings)[0])
     if not len(near):
         return []
-    breaks = np.flatnonzero(np.diff(near) > REGION_GAP_FRAMES)
+    history = EventTracker([label], settings, frame_s).history_frames
+    breaks = np.flatnonzero(np.diff(near) > max(REGION_GAP_FRAMES, history + 1))
     onsets = []
     for first, last in zip(np.r_[near[0], near[breaks + 1]], np.r_[near[breaks], near[-1]], strict=True):
-        start = max(0, int(first) - 1)  # one frame below that level first, as the tracker saw
+        start = max(0, int(first) - 1 - history)  # idle frames before it, as the tracker saw them
         tracker = EventTracker([label], settings, frame_s)
-        events = tracker.update(p[start : int(last) + 2, None], 0.0)
+        events = tracker.update(p[start : int(last) + 2, None], 0.0, levels[start : int(last) + 2])
         onsets += [start * frame_s + e.onset_s for e in events if e.type == "onset"]
     return onsets
 
@@ -128,12 +135,12 @@ def operating_point(runs: Sequence[SavedProbabilities], label: str, on: float | 
         # the picked off/on ratio at another on; off may equal on, and the division must not lift it above
         threshold, off = (picked_on, picked_off) if on is None else (on, min(on, on * picked_off / picked_on))
         hold = run.detector.class_min_duration_ms.get(label, run.detector.min_duration_ms) + extra_hold_ms
-        detect = [(label, onset) for onset in _onsets(run.test[:, k], label, threshold, off, hold, run.detector,
-                                                     run.frame_s)]
+        detect = [(label, onset) for onset in _onsets(run.test[:, k], run.test_levels, label, threshold, off, hold,
+                                                     run.detector, run.frame_s)]
         reference = [event for event in run.reference if event[0] == label]
         counts = counts + event_counts(reference, detect, COLLAR_S, [label])[label]
-        triggers += sum(len(_onsets(chunk[:, k], label, threshold, off, hold, run.detector, run.frame_s))
-                        for chunk in run.aggressor)
+        triggers += sum(len(_onsets(chunk[:, k], levels, label, threshold, off, hold, run.detector, run.frame_s))
+                        for chunk, levels in zip(run.aggressor, run.aggressor_levels, strict=True))
         seconds += run.aggressor_seconds
     return OperatingPoint(counts, triggers, seconds / 3600.0)
 

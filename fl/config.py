@@ -208,6 +208,9 @@ class DetectorConfig:
     max_rise_ms: float = 300.0
     # label -> minimum duration in ms, replacing min-duration-ms for that label
     class_min_duration_ms: dict[str, float] = field(default_factory=dict)
+    # an event triggers only if the frames' level rose by at least this many dB from just before its onset to
+    # its loudest frame by the time it is confirmed (clients/postprocess.py); 0 = no check
+    min_onset_rise_db: float = 0.0
 
     def __post_init__(self) -> None:
         _check(0 < self.on_threshold < 1, "on-threshold", "must be in (0, 1)")
@@ -217,6 +220,7 @@ class DetectorConfig:
         _check(self.max_rise_ms >= 0, "max-rise-ms", "must be non-negative")
         _check(self.refractory_ms >= 0, "refractory-ms", "must be non-negative")
         _check(self.block_size >= 1, "block-size", "must be at least 1")
+        _check(0 <= self.min_onset_rise_db <= 60, "min-onset-rise-db", "must be in [0, 60]")
         for label, pair in self.class_thresholds.items():
             key = f"class-thresholds.{label!r}"
             _check(isinstance(pair, list | tuple) and len(pair) == 2
@@ -274,6 +278,8 @@ class PersonalizeConfig:
     onset_at_rise: bool = True  # the detector's onset-at-rise (clients/postprocess.py)
     rise_threshold: float = 0.2  # the detector's rise-threshold: the onset is dated from the run above it
     refractory_ms: float = 300.0
+    min_onset_rise_db: float = 6.0  # the detector's min-onset-rise-db: a fan or a sound already under way
+    # cannot trigger
 
     def __post_init__(self) -> None:
         checks = [
@@ -309,6 +315,7 @@ class PersonalizeConfig:
             (self.shortest_min_duration_ms >= 0, "shortest-min-duration-ms", "must be non-negative"),
             (0 < self.rise_threshold <= 1, "rise-threshold", "must be in (0, 1]"),
             (self.refractory_ms >= 0, "refractory-ms", "must be non-negative"),
+            (0 <= self.min_onset_rise_db <= 60, "min-onset-rise-db", "must be in [0, 60]"),
         ]
         for ok, key, message in checks:
             _check(ok, key, message)

@@ -115,6 +115,13 @@ class Frontend:
             return torch.log(torch.clamp(mel, min=self.config.log_floor))
         return mel
 
+    def levels_db(self, frames: np.ndarray) -> np.ndarray:
+        """Frames ``[n, n_mels]`` of this frontend -> each frame's level in dB (10 log10 of its summed mel power)."""
+        power = np.asarray(frames, dtype=np.float64)
+        if self.config.scale == "log":
+            power = np.exp(power)
+        return (10.0 * np.log10(power.sum(axis=1) + self.config.log_floor)).astype(np.float32)
+
     def segment_frames(self, segments: torch.Tensor) -> torch.Tensor:
         """Signal segments ``[count, n_fft]`` (one per frame, unwindowed) -> frames ``[count, n_mels]``."""
         spectrum = torch.fft.rfft(segments * self.window)

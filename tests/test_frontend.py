@@ -103,6 +103,18 @@ def test_log_scale_is_the_floored_log_of_linear():
     assert log.min() == pytest.approx(np.log(CONFIG.log_floor))
 
 
+def test_frame_levels_follow_the_signal_in_db_on_either_scale():
+    rng = np.random.default_rng(5)
+    wave = rng.normal(0.0, 0.01, 44100).astype(np.float32)
+    wave[22050:] *= 10.0  # the second half 20 dB louder
+    linear = Frontend(FrontendConfig(scale="linear", store_dtype="float32"))
+    log = Frontend(CONFIG)
+    levels = log.levels_db(log.frames(wave, 44100))
+    assert levels.shape == (101,) and levels.dtype == np.float32
+    np.testing.assert_allclose(levels, linear.levels_db(linear.frames(wave, 44100)), atol=1e-3)
+    assert np.median(levels[60:]) - np.median(levels[:40]) == pytest.approx(20.0, abs=0.5)
+
+
 def test_frontend_at_its_own_rate_skips_resampling():
     wave = tone(1.0, rate=22050, seed=4)
     frames = Frontend(CONFIG).frames(wave, 22050)

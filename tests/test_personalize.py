@@ -222,7 +222,8 @@ def test_aggressor_overlay_mixes_a_second_piece_over_each_aggressor_piece():
     n_mels = 4
     take = label_take(np.full((60, n_mels), 5.0, np.float32), [[0.2, 0.3]], sound=0, frame_s=0.01, inflate=3)
     data = PersonalData(["pop"], [take], [], [np.zeros((500, n_mels), np.float32)],
-                        [np.full((101, n_mels), -2.0, np.float32)] * 3, [], 0.01, 3, np.arange(1.0, n_mels + 1))
+                        [np.full((101, n_mels), -2.0, np.float32)] * 3, [], 0.01, 3, np.arange(1.0, n_mels + 1),
+                        FrontendConfig())
     plain = dataclasses.replace(SMALL, gain_db=0.0, warp_percent=0.0, mix_probability=0.0,
                                 aggressor_gain_db=(0.0, 0.0), aggressor_tilt_db_per_octave=0.0)
 
@@ -261,7 +262,8 @@ def test_warped_sound_pieces_move_in_frequency_and_aggressors_do_not():
     sound[20:30, 8] = 5.0  # a tone in band 8
     take = label_take(sound, [[0.2, 0.3]], sound=0, frame_s=0.01, inflate=3)
     room = np.tile(-1.0 - np.arange(n_mels, dtype=np.float32) / n_mels, (500, 1))  # falls across the bands
-    data = PersonalData(["pop"], [take], [], [room], [], [], 0.01, 3, np.geomspace(100.0, 6000.0, n_mels))
+    data = PersonalData(["pop"], [take], [], [room], [], [], 0.01, 3, np.geomspace(100.0, 6000.0, n_mels),
+                        FrontendConfig())
     plain = dataclasses.replace(SMALL, gain_db=0.0, mix_probability=0.0, aggressor_gain_db=(0.0, 0.0),
                                 aggressor_overlay_probability=0.0, aggressor_tilt_db_per_octave=0.0)
 
@@ -281,7 +283,8 @@ def test_aggressor_pieces_are_tilted_about_1khz_and_sound_pieces_are_not():
     n_mels = 16
     band_hz = np.geomspace(125.0, 8000.0, n_mels)  # six octaves: 1 kHz is band 7.5
     take = label_take(np.full((60, n_mels), 5.0, np.float32), [[0.2, 0.3]], sound=0, frame_s=0.01, inflate=3)
-    data = PersonalData(["pop"], [take], [], [np.zeros((500, n_mels), np.float32)], [], [], 0.01, 3, band_hz)
+    data = PersonalData(["pop"], [take], [], [np.zeros((500, n_mels), np.float32)], [], [], 0.01, 3, band_hz,
+                        FrontendConfig())
     plain = dataclasses.replace(SMALL, gain_db=0.0, warp_percent=0.0, mix_probability=0.0,
                                 aggressor_gain_db=(0.0, 0.0), aggressor_overlay_probability=0.0,
                                 aggressor_tilt_db_per_octave=0.0)
@@ -358,7 +361,7 @@ def test_off_thresholds_rise_to_what_the_held_out_takes_kept_while_holding():
     probs[705:740, 2] = 0.5  # hum take never reaches its on-threshold
     probs[200:220, 0] = 0.99  # a pop-like burst on no take is not looked at
     stream = ValidationStream(np.zeros((800, 64), np.float32), [("pop", 1.0), ("pop", 3.0), ("click", 5.0),
-                                                                 ("hum", 7.0)], [])
+                                                                 ("hum", 7.0)], [], np.zeros(800))
     sounds, on = ["pop", "click", "hum"], [0.9, 0.9, 0.9]
     durations = {"pop": 150.0, "click": 150.0, "hum": 400.0}
     levels = held_levels(probs, stream, sounds, on, durations, frame_s)
@@ -383,7 +386,8 @@ def test_holds_end_a_margin_before_the_held_out_takes_fall_below_off():
     probs[702:735, 1] = 0.99  # pop take at 7 s: 33 frames
     probs[780:800, 2] = 0.99  # hum take at 7.2 s reaches on too late (after ON_SEARCH_S)
     stream = ValidationStream(np.zeros((900, 64), np.float32),
-                              [("click", 1.0), ("click", 3.0), ("click", 5.0), ("pop", 7.0), ("hum", 7.0)], [])
+                              [("click", 1.0), ("click", 3.0), ("click", 5.0), ("pop", 7.0), ("hum", 7.0)], [],
+                              np.zeros(900))
     sounds, on, off = ["click", "pop", "hum"], [0.98, 0.98, 0.98], [0.8, 0.8, 0.8]
     runs = held_runs_ms(probs, stream, sounds, on, off, frame_s)
     assert runs == [pytest.approx([280.0, 260.0, 240.0]), pytest.approx([330.0]), []]

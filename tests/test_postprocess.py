@@ -189,3 +189,51 @@ def test_onset_at_rise_dates_the_event_from_its_run_above_off():
     blocked = DetectorConfig(min_duration_ms=0, refractory_ms=50, onset_at_rise=True)
     after = [0.9, 0.0, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.9, 0.0]  # offset at frame 1: blocked until frame 6
     assert [e.onset_s for e in onsets(run(after, blocked))] == pytest.approx([0.0, 0.06])
+
+
+def _checked_onsets(probs, levels, settings, chunk=1):
+    tracker = EventTracker(["pop"], settings, FRAME_S)
+    probs = np.asarray(probs, dtype=np.float32)[:, None]
+    events = []
+    for start in range(0, len(probs), chunk):
+        events += tracker.update(probs[start : start + chunk], 0.0, levels[start : start + chunk])
+    return events + tracker.close(0.0)
+
+
+def test_onset_check_lets_through_only_events_whose_level_rose_into_them():
+    settings = DetectorConfig(on_threshold=0.5, off_threshold=0.3, min_duration_ms=30, refractory_ms=0,
+                              min_onset_rise_db=6.0)
+    probs, levels = np.zeros(200), np.full(200, -50.0)
+    probs[[*range(3, 15), *range(40, 60), *range(100, 140), *range(160, 180)]] = 0.9
+    levels[40:60] += 10.0  # a sound 10 dB over the floor: triggers
+    levels[100:140] = -45.0  # a steady noise from frame 100 that the model takes for a pop ...
+    levels[120:140] = -35.0  # ... stays suppressed, even when it gets louder, until the probability falls below off
+    levels[160:180] += 5.0  # 5 dB is not enough
+    for chunk in (1, 7, 200):
+        events = _checked_onsets(probs, levels, settings, chunk)
+        # frame 3 has no 80 ms of history before it: not checked
+        assert [(e.type, round(e.onset_s, 2)) for e in events] == [
+            ("onset", 0.03), ("offset", 0.03), ("onset", 0.40), ("offset", 0.40)]
+    unchecked = _checked_onsets(probs, levels, dataclasses.replace(settings, min_onset_rise_db=0.0))
+    assert [round(e.onset_s, 2) for e in onsets(unchecked)] == [0.03, 0.40, 1.00, 1.60]
+
+
+def test_onset_check_compares_with_the_level_before_the_dated_onset():
+    settings = DetectorConfig(on_threshold=0.5, off_threshold=0.3, min_duration_ms=30, refractory_ms=0,
+                              onset_at_rise=True, rise_threshold=0.2, min_onset_rise_db=6.0)
+    probs, levels = np.zeros(100), np.full(100, -50.0)
+    probs[40:50], probs[50:70] = 0.25, 0.9  # the probability climbs from frame 40, reaches on at 50
+    levels[42:70] = -40.0  # the sound began at frame 42: the rise is measured from before 40, not before 50
+    assert [round(e.onset_s, 2) for e in onsets(_checked_onsets(probs, levels, settings))] == [0.40]
+    at_off = dataclasses.replace(settings, onset_at_rise=False)
+    assert onsets(_checked_onsets(probs, levels, at_off)) == []
+
+
+def test_onset_check_needs_the_levels_and_a_sane_setting():
+    tracker = EventTracker(["pop"], DetectorConfig(min_onset_rise_db=6.0), FRAME_S)
+    with pytest.raises(ValueError, match="needs the frames' levels"):
+        tracker.update(np.zeros((3, 1)), 0.0)
+    with pytest.raises(ValueError, match=r"levels must be \[3\]"):
+        tracker.update(np.zeros((3, 1)), 0.0, np.zeros(4))
+    with pytest.raises(ConfigError, match="min-onset-rise-db"):
+        apply(Config(), {"detector": {"min-onset-rise-db": -1.0}}, "test.toml")

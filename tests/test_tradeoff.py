@@ -43,32 +43,43 @@ def _bursts(n: int, bursts: list[tuple[int, int, float]], floor: float = 0.05) -
     return p
 
 
-@pytest.mark.parametrize(("onset_at_rise", "rise_threshold", "max_rise_ms", "floor_sd"),
-                         [(True, 1.0, 300.0, 0.1), (True, 0.2, 300.0, 0.03), (True, 0.2, 50.0, 0.03),
-                          (False, 1.0, 300.0, 0.1)])
+@pytest.mark.parametrize(("onset_at_rise", "rise_threshold", "max_rise_ms", "floor_sd", "min_onset_rise_db"),
+                         [(True, 1.0, 300.0, 0.1, 0.0), (True, 0.2, 300.0, 0.03, 0.0), (True, 0.2, 50.0, 0.03, 0.0),
+                          (False, 1.0, 300.0, 0.1, 0.0), (True, 0.2, 300.0, 0.03, 6.0), (False, 1.0, 300.0, 0.1, 6.0)])
 def test_fast_rerun_finds_the_same_onsets_as_one_pass_of_the_tracker(onset_at_rise, rise_threshold, max_rise_ms,
-                                                                     floor_sd):
+                                                                     floor_sd, min_onset_rise_db):
     rng = np.random.default_rng(0)
     p = np.clip(rng.normal(0.08, floor_sd, 6000), 0, 1).astype(np.float32)
-    for start in rng.integers(20, 5900, 40):  # bursts of varied height and length, some close together ...
-        ramp = int(rng.integers(0, 15))  # ... some climbing through 0.2-0.3 first
+    levels = rng.normal(-50.0, 1.0, 6000)  # a steady floor; every other burst comes with a 15 dB louder sound
+    for i, start in enumerate(rng.integers(20, 5900, 40)):  # bursts of varied height and length, some close ...
+        ramp = int(rng.integers(0, 15))  # ... together, some climbing through 0.2-0.3 first
+        length = int(rng.integers(3, 60))
         p[start - ramp : start] = np.linspace(0.2, 0.3, ramp)
-        p[start : start + rng.integers(3, 60)] = rng.uniform(0.3, 1.0)
-    base = _detector(onset_at_rise=onset_at_rise, rise_threshold=rise_threshold, max_rise_ms=max_rise_ms)
+        p[start : start + length] = rng.uniform(0.3, 1.0)
+        if i % 2:
+            levels[start - ramp : start + length] += 15.0
+    base = _detector(onset_at_rise=onset_at_rise, rise_threshold=rise_threshold, max_rise_ms=max_rise_ms,
+                     min_onset_rise_db=min_onset_rise_db)
     if rise_threshold < 1.0:  # the rise level splits the track into many regions, not one
         assert np.count_nonzero(np.diff(np.flatnonzero(p >= rise_threshold)) > REGION_GAP_FRAMES) > 5
     for on, hold in [(0.5, 100.0), (0.7, 150.0), (0.3, 30.0)]:
         settings = dataclasses.replace(base, class_thresholds={"pop": [on, on * 0.8]},
                                        class_min_duration_ms={"pop": hold})
         tracker = EventTracker(["pop"], settings, FRAME_S)
-        expected = [e.onset_s for e in tracker.update(p[:, None], 0.0) if e.type == "onset"]
+        expected = [e.onset_s for e in tracker.update(p[:, None], 0.0, levels) if e.type == "onset"]
         assert len(expected) > 5
-        assert _onsets(p, "pop", on, on * 0.8, hold, base, FRAME_S) == pytest.approx(expected)
-        if rise_threshold < 1.0 and on > 0.3:  # and it moves onsets earlier than the off threshold would
-            at_off = _onsets(p, "pop", on, on * 0.8, hold, dataclasses.replace(base, rise_threshold=1.0), FRAME_S)
+        assert _onsets(p, levels, "pop", on, on * 0.8, hold, base, FRAME_S) == pytest.approx(expected)
+        if min_onset_rise_db:  # the onset check drops the bursts over the steady floor
+            unchecked = _onsets(p, levels, "pop", on, on * 0.8, hold,
+                                dataclasses.replace(base, min_onset_rise_db=0.0), FRAME_S)
+            assert len(unchecked) > len(expected)
+        if rise_threshold < 1.0 and on > 0.3 and not min_onset_rise_db:  # it dates onsets earlier than off would
+            at_off = _onsets(p, levels, "pop", on, on * 0.8, hold, dataclasses.replace(base, rise_threshold=1.0),
+                             FRAME_S)
             assert len(at_off) == len(expected) and any(a < b for a, b in zip(expected, at_off, strict=True))
         if max_rise_ms < 150.0 and on > 0.3:  # a cap shorter than the longest ramps dates some onsets later
-            uncapped = _onsets(p, "pop", on, on * 0.8, hold, dataclasses.replace(base, max_rise_ms=300.0), FRAME_S)
+            uncapped = _onsets(p, levels, "pop", on, on * 0.8, hold, dataclasses.replace(base, max_rise_ms=300.0),
+                               FRAME_S)
             assert len(uncapped) == len(expected) and any(a > b for a, b in zip(expected, uncapped, strict=True))
 
 
@@ -77,7 +88,9 @@ def _run(test_bursts: list[tuple[int, int, float]], aggressor_bursts: list[tuple
     test = np.stack([_bursts(1000, test_bursts), _bursts(1000, [])], axis=1)
     aggressor = np.stack([_bursts(3600 * 50, aggressor_bursts), _bursts(3600 * 50, [])], axis=1)
     reference = [("pop", start * FRAME_S) for start, _, _ in test_bursts]
-    return SavedProbabilities(LABELS, _detector(), FRAME_S, test, reference, [aggressor[:100000], aggressor[100000:]])
+    levels = np.zeros(len(aggressor))
+    return SavedProbabilities(LABELS, _detector(), FRAME_S, test, reference, [aggressor[:100000], aggressor[100000:]],
+                              np.zeros(len(test)), [levels[:100000], levels[100000:]])
 
 
 def test_operating_points_pool_counts_and_hours_over_users():
@@ -116,6 +129,8 @@ def test_saved_probabilities_round_trip_and_the_table_and_figure(tmp_path):
     assert back.reference == run.reference
     assert [len(c) for c in back.aggressor] == [len(c) for c in run.aggressor]
     np.testing.assert_array_equal(back.test, run.test)
+    np.testing.assert_array_equal(back.test_levels, run.test_levels)
+    assert [len(c) for c in back.aggressor_levels] == [len(c) for c in run.aggressor]
     table = tradeoff([back])
     assert set(table) == set(LABELS)
     assert list(table["pop"]) == [f"+{extra:g}ms" for extra in EXTRA_HOLD_MS]
