@@ -64,8 +64,9 @@ from clients.mouth_sounds import (
     make_test_stream,
     make_voice,
 )
-from clients.personalize import PersonalizeConfig, load_personalize_config, personalize, stream_probabilities
+from clients.personalize import PersonalizeConfig, load_personalize_config, personalize
 from clients.postprocess import EventTracker
+from clients.stream import frame_probabilities
 from clients.tradeoff import (
     SavedProbabilities,
     format_tradeoff,
@@ -271,7 +272,7 @@ def evaluate_bundles(sources: Mapping[int, Path], test_wave: np.ndarray, referen
 
     def outputs(key: int, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         frames = frontends[key].frames(wave, frontends[key].config.sample_rate)
-        return stream_probabilities(bundles[key].model, frames), frontends[key].levels_db(frames)
+        return frame_probabilities(bundles[key].model, frames), frontends[key].levels_db(frames)
 
     aggressor: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {key: [] for key in bundles}
     triggers: dict[int, dict[str, dict[str, int]]] = {key: {} for key in bundles}

@@ -88,6 +88,7 @@ from clients.bundle import Bundle, load_bundle, write_bundle
 from clients.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
 from clients.postprocess import EventTracker, min_duration_frames, to_frames
 from clients.profile import Profile, make_private_tree
+from clients.stream import frame_probabilities
 from fl.config import CONFIG_DIR, Config, DetectorConfig, FrontendConfig, PersonalizeConfig, load_config, to_dict
 from fl.errors import FedsoundError
 from fl.frontend import Frontend, band_centres_hz
@@ -468,12 +469,6 @@ def validation_stream(data: PersonalData, seed: int) -> ValidationStream:
     return ValidationStream(frames, reference, stretches, Frontend(data.frontend_config).levels_db(frames))
 
 
-@torch.inference_mode()
-def stream_probabilities(model: TCN, frames: np.ndarray) -> np.ndarray:
-    """Per-frame sigmoid probabilities ``[n, n_classes]`` of a frame sequence (offline = streaming)."""
-    return torch.sigmoid(model.eval()(torch.from_numpy(frames).unsqueeze(0)))[0].numpy()
-
-
 def detect_onsets(probs: np.ndarray, levels: np.ndarray, labels: Sequence[str], settings: DetectorConfig,
                   frame_s: float) -> list[tuple[str, float]]:
     """Onset events ``(label, onset_s)`` of the streaming post-processing run over ``probs`` and the frames'
@@ -616,7 +611,7 @@ def _held_out_f1(model: TCN, stream: ValidationStream, data: PersonalData, setti
     """(mean F1 over sounds, detector settings, counts, false triggers per hour) of a model with its own
     thresholds: on-thresholds from :func:`pick_thresholds`, then off-thresholds from :func:`off_thresholds`, then
     holds shortened by :func:`shorten_holds`."""
-    probs = stream_probabilities(sound_model(model), stream.frames)
+    probs = frame_probabilities(sound_model(model), stream.frames)
     thresholds = pick_thresholds(probs, stream, data.sounds, settings, base, data.frame_s, durations)
     levels = held_levels(probs, stream, data.sounds, thresholds, durations, data.frame_s)
     off = off_thresholds(thresholds, levels, settings)

@@ -229,7 +229,12 @@ class StreamingDetector:
 
 
 @torch.inference_mode()
+def frame_probabilities(model: TCN, frames: np.ndarray) -> np.ndarray:
+    """Per-frame sigmoid probabilities ``[n, n_classes]`` of a whole frame sequence (``forward``; equal to
+    streaming within 1e-4)."""
+    return torch.sigmoid(model.eval()(torch.from_numpy(frames).unsqueeze(0)))[0].numpy()
+
+
 def offline_probabilities(model: TCN, frontend: Frontend, wave: np.ndarray) -> np.ndarray:
     """Reference: per-frame probabilities of a whole waveform (``Frontend.frames`` + ``forward``)."""
-    frames = torch.from_numpy(frontend.frames(wave, frontend.config.sample_rate))
-    return torch.sigmoid(model.eval()(frames.unsqueeze(0)))[0].numpy()
+    return frame_probabilities(model, frontend.frames(wave, frontend.config.sample_rate))
