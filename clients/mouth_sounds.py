@@ -28,6 +28,7 @@ SAMPLE_RATE = 16000
 VOWELS = ((730, 1090, 2440), (530, 1840, 2480), (270, 2290, 3010), (570, 840, 2410), (300, 870, 2240),
           (660, 1720, 2410), (490, 1350, 1690))  # (F1, F2, F3) in Hz of a, e, i, o, u, ae, er
 NOISE_BEDS = ("room", "fan", "traffic", "babble")
+LOUD_ROOM_FRACTION = 0.5  # of corpus takes recorded over a test-like room floor
 
 Seed = int | np.random.Generator
 
@@ -343,19 +344,34 @@ def _floor(rng: np.random.Generator, n: int, rate: int, quiet: bool) -> np.ndarr
     return floor
 
 
-def enrollment_take(kind: str, voice: Voice, seed: Seed, sample_rate: int = SAMPLE_RATE, seconds: float = 2.0
-                    ) -> Stream:
-    """A recording of one mouth sound in a quiet room: silence, the sound (peak -24..-6 dBFS), silence."""
-    rng = _rng(seed)
-    sound = mouth_sound(kind, voice, rng, sample_rate) * db_to_gain(rng.uniform(-24, -6))
+def _take(kind: str, voice: Voice, rng: np.random.Generator, sample_rate: int, seconds: float,
+          peak_db: tuple[float, float], quiet: bool) -> Stream:
+    """Silence over a room floor, one mouth sound at a peak level drawn from ``peak_db``, silence."""
+    sound = mouth_sound(kind, voice, rng, sample_rate) * db_to_gain(rng.uniform(*peak_db))
     n = int(seconds * sample_rate)
     if len(sound) > n - int(0.6 * sample_rate):
         raise ValueError(f"a {seconds} s take is too short for a {len(sound) / sample_rate:.2f} s {kind}")
-    wave = _floor(rng, n, sample_rate, quiet=True)
+    wave = _floor(rng, n, sample_rate, quiet=quiet)
     start = int(rng.uniform(0.4 * sample_rate, n - len(sound) - 0.2 * sample_rate))
     wave[start : start + len(sound)] += sound
     events = [(kind, start / sample_rate, (start + len(sound)) / sample_rate)]
     return Stream(wave.astype(np.float32), sample_rate, events)
+
+
+def enrollment_take(kind: str, voice: Voice, seed: Seed, sample_rate: int = SAMPLE_RATE, seconds: float = 2.0
+                    ) -> Stream:
+    """A recording of one mouth sound in a quiet room: silence, the sound (peak -24..-6 dBFS), silence."""
+    return _take(kind, voice, _rng(seed), sample_rate, seconds, (-24, -6), quiet=True)
+
+
+def corpus_take(kind: str, voice: Voice, seed: Seed, sample_rate: int = SAMPLE_RATE, seconds: float = 2.0
+                ) -> Stream:
+    """A take of one mouth sound as a many-voice corpus holds it (peak -26..-6 dBFS, as in the test streams):
+    half of them recorded in a quiet room, half over a room floor like the test streams' (louder, sometimes
+    a fan or traffic under it)."""
+    rng = _rng(seed)
+    quiet = rng.random() >= LOUD_ROOM_FRACTION
+    return _take(kind, voice, rng, sample_rate, seconds, (-26, -6), quiet=quiet)
 
 
 def background_take(voice: Voice, seed: Seed, sample_rate: int = SAMPLE_RATE, seconds: float = 20.0) -> Stream:

@@ -2,7 +2,8 @@
 
 What a federation of many users would hold, and what the global detector of Lea et al. was trained on: each
 voice (:func:`clients.mouth_sounds.make_voice`) is one uploader, with a few takes of each mouth sound
-(``pop``, ``click``, ``hiss``, ``hum``, ``whistle``: one label each) and clips of its background (its room, its
+(``pop``, ``click``, ``hiss``, ``hum``, ``whistle``: one label each; half in a quiet room, half over a louder
+room floor, :func:`clients.mouth_sounds.corpus_take`) and clips of its background (its room, its
 speech and other talkers, fan, traffic, babble: the label ``background``). Voices are split whole between
 train, val and eval (one in ten each to val and eval), so a partition by uploader is a partition by voice.
 Audio is written at 44.1 kHz, PCM_16, mono; ``fedsound data prep`` turns the tree into a feature store like
@@ -18,7 +19,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from clients.mouth_sounds import SOUNDS, background_take, enrollment_take, make_aggressor_stream, make_voice
+from clients.mouth_sounds import SOUNDS, background_take, corpus_take, make_aggressor_stream, make_voice
 from data_prep.fsd50k import AUDIO_DIRS, GROUND_TRUTH, METADATA
 from data_prep.synth import staged_tree, write_csv
 from fl.errors import ConfigError
@@ -59,7 +60,7 @@ def synthesize_mouth_corpus(out: Path, n_voices: int = VOICES, takes_per_sound: 
         fname = 0
         for v in tqdm(range(n_voices), desc="mouth corpus", unit="voice", disable=not progress):
             voice = make_voice([seed, 100, v])
-            clips = [(kind, enrollment_take(kind, voice, [seed, 101, v, k, j], RATE, TAKE_SECONDS).wave)
+            clips = [(kind, corpus_take(kind, voice, [seed, 101, v, k, j], RATE, TAKE_SECONDS).wave)
                      for k, kind in enumerate(SOUNDS) for j in range(takes_per_sound)]
             for j in range(background_clips):
                 make = make_aggressor_stream if j % 2 == 0 else background_take

@@ -7,6 +7,7 @@ from clients.enroll import frame_energy_db
 from clients.mouth_sounds import (
     SOUNDS,
     background_take,
+    corpus_take,
     enrollment_take,
     make_aggressor_stream,
     make_test_stream,
@@ -77,6 +78,21 @@ def test_enrollment_take_places_the_sound_at_its_onset():
     energy = frame_energy_db(take.wave, RATE)
     before, during = energy[: int(onset * 100) - 2].max(), energy[int(onset * 100) + 3 : int(offset * 100) - 3]
     assert during.min() > before + 10
+
+
+def test_corpus_takes_are_half_over_a_louder_room_floor():
+    voice = make_voice(5)
+    floors = []
+    for seed in range(40):
+        take = corpus_take("click", voice, seed)
+        (label, onset, _), = take.events
+        assert label == "click" and 0.4 <= onset
+        floors.append(np.median(frame_energy_db(take.wave[: int((onset - 0.05) * RATE)], RATE)))
+        assert np.array_equal(take.wave, corpus_take("click", voice, seed).wave)
+    quiet_room = np.median([np.median(frame_energy_db(enrollment_take("click", voice, s).wave[: int(0.35 * RATE)],
+                                                      RATE)) for s in range(40)])
+    louder = np.mean(np.array(floors) > quiet_room + 6)
+    assert 0.25 <= louder <= 0.75  # about half the takes (LOUD_ROOM_FRACTION) over a louder floor
 
 
 def test_test_stream_ground_truth():
