@@ -181,8 +181,17 @@ class EventTracker:
         if levels.shape != (len(probs),):
             raise ValueError(f"levels must be [{len(probs)}], one per frame, got {levels.shape}")
         events: list[Event] = []
-        for row, level in zip(probs, levels, strict=True):
-            events.extend(self._step(row, level, emitted_s))
+        starts = np.flatnonzero((probs >= self.on).any(axis=1))  # frames where a candidate may start
+        i = 0
+        while i < len(probs):
+            if self._n_running == 0:  # idle until the next frame at or above an on-threshold
+                j = starts[np.searchsorted(starts, i)] if starts.size and starts[-1] >= i else len(probs)
+                if j > i:
+                    self._skip_idle(probs[i:j], levels[i:j])
+                    i = j
+                    continue
+            events.extend(self._step(probs[i], levels[i], emitted_s))
+            i += 1
         return events
 
     def close(self, emitted_s: float) -> list[Event]:
@@ -212,6 +221,19 @@ class EventTracker:
         base = self._level_span(onset - self.base_frames[0], onset - self.base_frames[1])
         self._base_level[c] = base.mean() if len(base) == self.base_frames[0] - self.base_frames[1] else -np.inf
         self._loudest[c] = self._level_span(onset - self.base_frames[1], t + 1).max()
+
+    def _skip_idle(self, probs: np.ndarray, levels: np.ndarray) -> None:
+        """Frames during which every class stays idle (none running, none at or above its on-threshold): only
+        the level history and the start of the runs above the rise level move, as :meth:`_step` would move them."""
+        t0, n = self.n_frames, len(probs)
+        self.n_frames += n
+        keep = min(n, len(self._levels))
+        self._levels[(t0 + np.arange(n - keep, n)) % len(self._levels)] = levels[n - keep :]
+        if self.settings.onset_at_rise:
+            below = probs < self.rise_level
+            last = n - 1 - np.argmax(below[::-1], axis=0)  # per class, the last frame below the rise level
+            self._rise = np.where(below.any(axis=0), t0 + last + 1, self._rise)
+            np.maximum(self._rise, self._blocked_until, out=self._rise)
 
     def _step(self, p: np.ndarray, level: float, emitted_s: float) -> list[Event]:
         t = self.n_frames

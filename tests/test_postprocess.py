@@ -237,3 +237,24 @@ def test_onset_check_needs_the_levels_and_a_sane_setting():
         tracker.update(np.zeros((3, 1)), 0.0, np.zeros(4))
     with pytest.raises(ConfigError, match="min-onset-rise-db"):
         apply(Config(), {"detector": {"min-onset-rise-db": -1.0}}, "test.toml")
+
+
+@pytest.mark.parametrize("settings", [
+    DetectorConfig(on_threshold=0.6, off_threshold=0.4, min_duration_ms=30, refractory_ms=40),
+    DetectorConfig(on_threshold=0.6, off_threshold=0.4, min_duration_ms=20, refractory_ms=0, onset_at_rise=True,
+                   rise_threshold=0.2, max_rise_ms=60, min_onset_rise_db=4.0,
+                   class_thresholds={"click": [0.8, 0.8]}),
+])
+def test_skipping_idle_frames_gives_the_events_of_stepping_every_frame(settings):
+    rng = np.random.default_rng(3)
+    probs = np.clip(np.repeat(rng.random((150, 2)), rng.integers(1, 9, 150), axis=0) ** 2 * 1.1, 0, 1)
+    levels = np.repeat(rng.normal(-50, 8, len(probs) // 4 + 1), 4)[: len(probs)]
+    stepped = EventTracker(LABELS, settings, FRAME_S)
+    expected = [e for row, level in zip(probs.astype(np.float32), levels, strict=True)
+                for e in stepped._step(row, level, 0.0)]
+    for chunk in (1, 13, len(probs)):
+        tracker = EventTracker(LABELS, settings, FRAME_S)
+        events = [e for start in range(0, len(probs), chunk)
+                  for e in tracker.update(probs[start : start + chunk], 0.0, levels[start : start + chunk])]
+        assert events == expected and tracker.n_frames == len(probs)
+    assert len(onsets(expected)) > 10
