@@ -129,6 +129,12 @@ def class_confirm_frames(labels: Sequence[str], settings: DetectorConfig, frame_
     return frames
 
 
+def level_history_frames(settings: DetectorConfig, frame_s: float) -> int:
+    """Frames of level history the onset check reaches back from the current frame: the longest dating of an
+    onset (``max-rise-ms``), the reference level's span before it (``BASE_MS``) and one."""
+    return to_frames(settings.max_rise_ms, frame_s) + to_frames(BASE_MS[0], frame_s) + 1
+
+
 class EventTracker:
     """Streaming post-processing of per-frame probabilities ``[n_frames, n_classes]`` into events."""
 
@@ -145,8 +151,7 @@ class EventTracker:
         self.max_rise_frames = to_frames(settings.max_rise_ms, frame_s)
         self.base_frames = (to_frames(BASE_MS[0], frame_s), to_frames(BASE_MS[1], frame_s))
         self.checks_rise = settings.min_onset_rise_db > 0
-        # frames of level history the onset check reaches back from the current frame
-        self.history_frames = self.max_rise_frames + self.base_frames[0] + 1
+        self.history_frames = level_history_frames(settings, frame_s)
         self._levels = np.zeros(self.history_frames + 1, dtype=np.float64)  # ring buffer, frame t at t % size
         n = len(self.labels)
         self._state = np.full(n, _IDLE, dtype=np.int8)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from clients.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
-from clients.postprocess import EventTracker, rise_levels
+from clients.postprocess import EventTracker, level_history_frames, rise_levels
 from fl.config import Config, DetectorConfig, apply, to_dict
 from fl.errors import DataError, FedsoundError
 
@@ -97,7 +97,7 @@ def _onsets(p: np.ndarray, levels: np.ndarray, label: str, on: float, off: float
     near = np.flatnonzero(p >= rise_levels([label], settings)[0])
     if not len(near):
         return []
-    history = EventTracker([label], settings, frame_s).history_frames
+    history = level_history_frames(settings, frame_s)
     breaks = np.flatnonzero(np.diff(near) > max(REGION_GAP_FRAMES, history + 1))
     onsets = []
     for first, last in zip(np.r_[near[0], near[breaks + 1]], np.r_[near[breaks], near[-1]], strict=True):
