@@ -248,8 +248,6 @@ class EventTracker:
         if self.settings.onset_at_rise:
             self._rise[p < self.rise_level] = t + 1  # a run at or above it can start at the next frame at the earliest
             np.maximum(self._rise, self._blocked_until, out=self._rise)
-        if self._n_running == 0 and not above_on.any():  # fast path: nothing happening
-            return []
         state = self._state
         events: list[Event] = []
         running = state != _IDLE
