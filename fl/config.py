@@ -266,6 +266,9 @@ class PersonalizeConfig:
     # (never above on; 1 = on x off-ratio alone)
     off_margin: float = 0.02
     threshold_tolerance: float = 0.1  # the highest on-threshold whose held-out F1 is this close to the best
+    # ... but a brief sound's (one whose hold run-margin-ms cut: a click, not a pop) no higher than this: its quiet
+    # held-out takes lose nothing up to the grid's top, while the same click over a loud room stays below it
+    brief_sound_max_on: float = 0.8
     min_duration_ms: float = 250.0  # a sound must hold this long: speech's nasals and fricatives do not
     # a sustained sound must hold this multiple of its short enrolled examples' length (their 20th percentile;
     # the inflated labels keep a true sound high for about the receptive field past its end) ...
@@ -307,6 +310,7 @@ class PersonalizeConfig:
             (0 < self.off_ratio <= 1, "off-ratio", "must be in (0, 1]"),
             (0 <= self.off_margin <= 1, "off-margin", "must be in [0, 1]"),
             (0 <= self.threshold_tolerance < 1, "threshold-tolerance", "must be in [0, 1)"),
+            (0 < self.brief_sound_max_on <= 1, "brief-sound-max-on", "must be in (0, 1]"),
             (self.min_duration_ms >= 0, "min-duration-ms", "must be non-negative"),
             (0 <= self.min_duration_fraction <= 2, "min-duration-fraction", "must be in [0, 2]"),
             (self.max_min_duration_ms >= self.min_duration_ms, "max-min-duration-ms",

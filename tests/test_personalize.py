@@ -30,7 +30,9 @@ from clients.personalize import (
     min_durations,
     new_head_model,
     off_thresholds,
+    on_ceilings,
     personalize,
+    pick_thresholds,
     prepare_data,
     shorten_holds,
     sound_model,
@@ -331,7 +333,8 @@ def test_settings_file(tmp_path):
                           ("distill-weight = -0.5", "personalize.distill-weight: must be non-negative"),
                           ("off-margin = 1.5", r"personalize.off-margin: must be in \[0, 1\]"),
                           ("warp-percent = 60", r"personalize.warp-percent: must be in \[0, 50\]"),
-                          ("rise-threshold = 0", r"personalize.rise-threshold: must be in \(0, 1\]")):
+                          ("rise-threshold = 0", r"personalize.rise-threshold: must be in \(0, 1\]"),
+                          ("brief-sound-max-on = 0", r"personalize.brief-sound-max-on: must be in \(0, 1\]")):
         path.write_text(f"[personalize]\n{body}\n")
         with pytest.raises(ConfigError, match=f"{path}: {message}"):
             load_personalize_config(path)
@@ -373,6 +376,27 @@ def test_off_thresholds_rise_to_what_the_held_out_takes_kept_while_holding():
     off = off_thresholds(on, levels, settings)
     detector = detector_settings(sounds, on, settings, DetectorConfig(), durations, off)
     assert detector.class_thresholds == {"pop": [0.9, 0.9], "click": [0.9, 0.81], "hum": [0.9, 0.81]}
+
+
+def test_a_brief_sound_is_picked_no_higher_than_its_ceiling():
+    frame_s = 0.01
+    probs = np.full((700, 2), 0.01, np.float32)
+    probs[100:150, 0] = 0.99  # a click take at 1 s and a pop take at 4 s, both near 1 while they hold
+    probs[400:450, 1] = 0.99
+    stream = ValidationStream(np.zeros((700, 64), np.float32), [("click", 1.0), ("pop", 4.0)], [], np.zeros(700))
+    sounds, durations = ["click", "pop"], {"click": 250.0, "pop": 250.0}
+    settings = PersonalizeConfig(min_duration_ms=250.0, brief_sound_max_on=0.8, min_onset_rise_db=0.0)
+    on = pick_thresholds(probs, stream, sounds, settings, DetectorConfig(), frame_s, durations)
+    assert on == [0.98, 0.98]  # the quiet takes lose nothing up to the grid's top
+    holds = {"click": 230.0, "pop": 250.0}  # the click's hold was cut (shorten_holds), the pop's was not
+    ceilings = on_ceilings(sounds, durations, holds, settings)
+    assert ceilings == [0.8, 1.0]
+    assert on_ceilings(sounds, durations, durations, settings) == [1.0, 1.0]
+    assert pick_thresholds(probs, stream, sounds, settings, DetectorConfig(), frame_s, durations,
+                           ceilings) == [0.8, 0.98]
+    probs[300:330, 0] = 0.85  # a click-like burst between the takes, above the ceiling: the ceiling still holds
+    assert pick_thresholds(probs, stream, sounds, settings, DetectorConfig(), frame_s, durations,
+                           ceilings)[0] == 0.8
 
 
 def test_holds_end_a_margin_before_the_held_out_takes_fall_below_off():
