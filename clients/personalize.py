@@ -581,21 +581,26 @@ def detector_settings(sounds: Sequence[str], on: Sequence[float], settings: Pers
                                min_onset_rise_db=settings.min_onset_rise_db)
 
 
-def pick_thresholds(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[str],
-                    settings: PersonalizeConfig, base: DetectorConfig, frame_s: float,
-                    durations: Mapping[str, float], ceilings: Sequence[float] | None = None) -> list[float]:
-    """Per sound: the highest on-threshold (up to its ``ceilings`` entry, default 1) whose held-out event F1 is
-    within ``threshold-tolerance`` of the best of those thresholds."""
+def threshold_f1(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[str], settings: PersonalizeConfig,
+                 base: DetectorConfig, frame_s: float, durations: Mapping[str, float]) -> np.ndarray:
+    """Held-out event F1 of each sound (rows) at each on-threshold of ``THRESHOLD_GRID`` (columns)."""
     f1 = np.zeros((len(sounds), len(THRESHOLD_GRID)))
     for j, threshold in enumerate(THRESHOLD_GRID):
         detector = detector_settings(sounds, [threshold] * len(sounds), settings, base, durations)
         counts = event_counts(stream.reference, detect_onsets(probs, stream.levels, sounds, detector, frame_s),
                               COLLAR_S, sounds)
         f1[:, j] = [counts[name].f1 for name in sounds]
+    return f1
+
+
+def pick_thresholds(f1: np.ndarray, settings: PersonalizeConfig, ceilings: Sequence[float] | None = None
+                    ) -> list[float]:
+    """Per sound (a row of :func:`threshold_f1`): the highest on-threshold (up to its ``ceilings`` entry, default
+    1) whose held-out event F1 is within ``threshold-tolerance`` of the best of those thresholds."""
     grid = np.array(THRESHOLD_GRID)
     chosen = []
-    for k, ceiling in enumerate([1.0] * len(sounds) if ceilings is None else ceilings):
-        scores = np.where(grid <= ceiling, f1[k], -np.inf)
+    for scores_k, ceiling in zip(f1, [1.0] * len(f1) if ceilings is None else ceilings, strict=True):
+        scores = np.where(grid <= ceiling, scores_k, -np.inf)
         near_best = np.flatnonzero(scores >= scores.max() - settings.threshold_tolerance - 1e-9)
         chosen.append(THRESHOLD_GRID[int(near_best[-1])])
     return chosen
@@ -620,13 +625,13 @@ def evaluate_held_out(probs: np.ndarray, stream: ValidationStream, sounds: Seque
     return counts, false_triggers_per_hour(on_background, seconds) if seconds > 0 else float("nan")
 
 
-def _thresholds_and_holds(probs: np.ndarray, stream: ValidationStream, data: PersonalData,
-                          settings: PersonalizeConfig, base: DetectorConfig, durations: Mapping[str, float],
+def _thresholds_and_holds(probs: np.ndarray, stream: ValidationStream, data: PersonalData, f1: np.ndarray,
+                          settings: PersonalizeConfig, durations: Mapping[str, float],
                           ceilings: Sequence[float] | None = None
                           ) -> tuple[list[float], list[float], dict[str, float]]:
-    """(on, off, holds): on-thresholds from :func:`pick_thresholds`, off-thresholds from :func:`off_thresholds`,
-    holds shortened by :func:`shorten_holds`."""
-    on = pick_thresholds(probs, stream, data.sounds, settings, base, data.frame_s, durations, ceilings)
+    """(on, off, holds): on-thresholds from :func:`pick_thresholds` over ``f1`` (:func:`threshold_f1`),
+    off-thresholds from :func:`off_thresholds`, holds shortened by :func:`shorten_holds`."""
+    on = pick_thresholds(f1, settings, ceilings)
     off = off_thresholds(on, held_levels(probs, stream, data.sounds, on, durations, data.frame_s), settings)
     runs = held_runs_ms(probs, stream, data.sounds, on, off, data.frame_s)
     return on, off, shorten_holds(durations, data.sounds, runs, settings)
@@ -639,10 +644,11 @@ def _held_out_f1(model: TCN, stream: ValidationStream, data: PersonalData, setti
     thresholds and holds (:func:`_thresholds_and_holds`), picked again under :func:`on_ceilings` where a brief
     sound's on-threshold was above its ceiling."""
     probs = frame_probabilities(sound_model(model), stream.frames)
-    on, off, holds = _thresholds_and_holds(probs, stream, data, settings, base, durations)
+    f1 = threshold_f1(probs, stream, data.sounds, settings, base, data.frame_s, durations)
+    on, off, holds = _thresholds_and_holds(probs, stream, data, f1, settings, durations)
     ceilings = on_ceilings(data.sounds, durations, holds, settings)
     if any(t > c for t, c in zip(on, ceilings, strict=True)):
-        on, off, holds = _thresholds_and_holds(probs, stream, data, settings, base, durations, ceilings)
+        on, off, holds = _thresholds_and_holds(probs, stream, data, f1, settings, durations, ceilings)
     detector = detector_settings(data.sounds, on, settings, base, holds, off)
     counts, per_hour = evaluate_held_out(probs, stream, data.sounds, detector, data.frame_s)
     return float(np.mean([counts[s].f1 for s in data.sounds])), detector, counts, per_hour
