@@ -387,13 +387,12 @@ def test_a_brief_sound_is_picked_no_higher_than_its_ceiling():
     stream = ValidationStream(np.zeros((700, 64), np.float32), [("click", 1.0), ("pop", 4.0)], [], np.zeros(700))
     sounds, durations = ["click", "pop"], {"click": 250.0, "pop": 250.0}
     settings = PersonalizeConfig(min_duration_ms=250.0, brief_sound_max_on=0.8, min_onset_rise_db=0.0)
-    on = pick_thresholds(threshold_f1(probs, stream, sounds, settings, DetectorConfig(), frame_s, durations), settings)
-    assert on == [0.98, 0.98]  # the quiet takes lose nothing up to the grid's top
+    f1 = threshold_f1(probs, stream, sounds, settings, DetectorConfig(), frame_s, durations)
+    assert pick_thresholds(f1, settings) == [0.98, 0.98]  # the quiet takes lose nothing up to the grid's top
     holds = {"click": 230.0, "pop": 250.0}  # the click's hold was cut (shorten_holds), the pop's was not
     ceilings = on_ceilings(sounds, durations, holds, settings)
     assert ceilings == [0.8, 1.0]
     assert on_ceilings(sounds, durations, durations, settings) == [1.0, 1.0]
-    f1 = threshold_f1(probs, stream, sounds, settings, DetectorConfig(), frame_s, durations)
     assert pick_thresholds(f1, settings, ceilings) == [0.8, 0.98]
     probs[300:330, 0] = 0.85  # a click-like burst between the takes, above the ceiling: the ceiling still holds
     f1 = threshold_f1(probs, stream, sounds, settings, DetectorConfig(), frame_s, durations)
