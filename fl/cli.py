@@ -1,6 +1,7 @@
 """The ``fedsound`` command line: a thin layer over importable functions.
 
-Every command takes the shared options ``--seed``, ``--config FILE``, ``--workdir DIR`` and ``-v/-q``.
+Every command takes ``--workdir DIR`` and ``-v/-q``; ``--seed`` and ``--config FILE`` only where they change
+what the command does, so a flag that would be ignored is an error instead.
 Heavy modules are imported inside the handlers so that ``fedsound --help`` stays instant.
 """
 
@@ -206,12 +207,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------------------------------
 
 
-def _common_options() -> argparse.ArgumentParser:
-    """The options every command takes. Each command gets its own copy: argparse shares a parent's option
-    objects with every child, so one command's ``set_defaults(config=...)`` would become every command's."""
+def _common_options(seed: bool, config: bool) -> argparse.ArgumentParser:
+    """The shared options of one command (``--seed``/``--config`` only if it uses them). Each command gets its
+    own copy: argparse shares a parent's option objects with every child, so one command's
+    ``set_defaults(config=...)`` would become every command's."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--seed", type=int, default=None, help="one seed for synthesis, partitions, sampling, training")
-    common.add_argument("--config", type=Path, default=None, help="TOML file under configs/ (sections as in Config)")
+    if seed:
+        common.add_argument("--seed", type=int, default=None,
+                            help="one seed for synthesis, partitions, sampling, training")
+    if config:
+        common.add_argument("--config", type=Path, default=None,
+                            help="TOML file under configs/ (sections as in Config)")
     common.add_argument("--workdir", default="work", help="where runs, Ray and Flower files go (default: work)")
     common.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=0)
     common.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
@@ -225,32 +231,35 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedsound", description="Federated sound event detection on FSD50K with Flower and Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Callable, help_: str, parent=sub) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, parents=[_common_options()], help=help_, description=help_)
-        p.set_defaults(handler=handler)
+    def add(name: str, handler: Callable, help_: str, parent=sub, seed: bool = True,
+            config: bool = True) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, parents=[_common_options(seed, config)], help=help_, description=help_)
+        p.set_defaults(handler=handler, seed=None, config=None)
         return p
 
-    p = add("demo", cmd_demo, "the whole path on the built-in synthetic corpus, end to end")
+    p = add("demo", cmd_demo, "the whole path on the built-in synthetic corpus, end to end", config=False)
     p.add_argument("--sweep", action="store_true", help="also run a tiny Ray Tune grid")
 
     data = sub.add_parser("data", help="data commands: synth, download, prep, partition")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    p = add("synth", cmd_data_synth, "write a small FSD50K-format corpus", dsub)
+    p = add("synth", cmd_data_synth, "write a small FSD50K-format corpus", dsub, config=False)
     p.add_argument("out")
     p.add_argument("--clips", type=int, default=600)
     p.add_argument("--uploaders", type=int, default=60)
     p.add_argument("--classes", type=int, default=10)
-    p = add("mouth-sounds", cmd_data_mouth_sounds, "write a many-voice mouth-sound corpus in FSD50K's layout", dsub)
+    p = add("mouth-sounds", cmd_data_mouth_sounds, "write a many-voice mouth-sound corpus in FSD50K's layout", dsub,
+              config=False)
     p.add_argument("out")
     p.add_argument("--voices", type=int, help="voices (uploaders; default: the benchmark global model's corpus); "
                    "one in ten each to val and eval")
     p.add_argument("--takes", type=int, help="takes of each mouth sound per voice (default: as --voices)")
     p.add_argument("--background", type=int, help="4 s background clips per voice (default: as --voices)")
-    p = add("download", cmd_data_download, "fetch FSD50K (resumable, md5-checked), join split zips, extract", dsub)
+    p = add("download", cmd_data_download, "fetch FSD50K (resumable, md5-checked), join split zips, extract", dsub,
+              seed=False, config=False)
     p.add_argument("out")
     p.add_argument("--parts", default="dev,eval,meta", help="comma-separated: dev, eval, meta")
     p.add_argument("--base-url", default=None, help="mirror to fetch from (default: Zenodo record 4060432)")
-    p = add("prep", cmd_data_prep, "FSD50K tree -> log-mel feature store + manifests", dsub)
+    p = add("prep", cmd_data_prep, "FSD50K tree -> log-mel feature store + manifests", dsub, seed=False)
     p.add_argument("fsd50k_dir")
     p.add_argument("store")
     p.add_argument("--features", type=Path, default=CONFIG_DIR / "features" / "fsd50k.toml")
@@ -284,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.add_argument("--resume", default=None, metavar="RUN", help="continue a killed run")
 
-    p = add("evaluate", cmd_evaluate, "clip-level metrics on a split")
+    p = add("evaluate", cmd_evaluate, "clip-level metrics on a split", seed=False, config=False)
     p.add_argument("model")
     p.add_argument("store")
     p.add_argument("--split", choices=["val", "eval", "train"], default="val")
@@ -307,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-labels", nargs="+", default=[], metavar="LABEL",
                    help="leave out patches of clips with these labels (sounds users may choose as triggers)")
 
-    p = add("enroll", cmd_enroll, "records or imports a user's example sounds (or background material)")
+    p = add("enroll", cmd_enroll, "records or imports a user's example sounds (or background material)",
+            seed=False, config=False)
     p.add_argument("profile")
     p.add_argument("--sound", default=None, help="name of the sound (e.g. pop, click, hiss)")
     p.add_argument("--record", type=int, default=None, metavar="N", help="record N takes from the microphone")
@@ -318,14 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("profile")
     p.add_argument("--bundle", default=None, help="global detector bundle (default: the one used last time)")
 
-    p = add("listen", cmd_listen, "streaming detection from microphone or file; events as JSON lines")
+    p = add("listen", cmd_listen, "streaming detection from microphone or file; events as JSON lines", seed=False)
     p.add_argument("source", metavar="PROFILE-or-BUNDLE")
     p.add_argument("--input", default="mic", help="'mic' or an audio file")
     p.add_argument("--realtime", action="store_true", help="pace a file at real time")
     p.add_argument("--json", action="store_true", help="events as JSON lines only")
     p.add_argument("--exec", action="append", metavar="LABEL=COMMAND", help="run COMMAND on each LABEL event")
 
-    p = add("bench", cmd_bench, "the project's own benchmarks")
+    p = add("bench", cmd_bench, "the project's own benchmarks", seed=False)
     p.add_argument("what", choices=["prep", "train", "sim", "sweep", "stream", "personalize"])
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     p.add_argument("--out", default=None, help="JSON file for the figures")

@@ -34,11 +34,33 @@ def test_help_lists_every_command(capsys) -> None:
         assert command in data
 
 
-@pytest.mark.parametrize("command", ["train", "simulate", "evaluate", "sweep", "export", "listen", "demo"])
-def test_shared_options_on_every_command(capsys, command: str) -> None:
-    text = help_text(capsys, command)
-    for option in ("--seed", "--config", "--workdir", "--quiet"):
+# Which of --seed and --config each command uses; every command takes --workdir and -q.
+SHARED_OPTIONS = {
+    ("demo",): {"--seed"}, ("data", "synth"): {"--seed"}, ("data", "mouth-sounds"): {"--seed"},
+    ("data", "download"): set(), ("data", "prep"): {"--config"}, ("data", "partition"): {"--seed", "--config"},
+    ("train",): {"--seed", "--config"}, ("simulate",): {"--seed", "--config"}, ("evaluate",): set(),
+    ("sweep",): {"--seed", "--config"}, ("export",): {"--seed", "--config"}, ("enroll",): set(),
+    ("personalize",): {"--seed", "--config"}, ("listen",): {"--config"}, ("bench",): {"--config"},
+}
+
+
+@pytest.mark.parametrize("command", sorted(SHARED_OPTIONS))
+def test_shared_options_are_offered_only_where_they_count(capsys, command: tuple[str, ...]) -> None:
+    text = help_text(capsys, *command)
+    for option in ("--workdir", "--quiet"):
         assert option in text
+    for option in ("--seed", "--config"):
+        assert (option in text) == (option in SHARED_OPTIONS[command])
+
+
+def test_a_shared_option_a_command_would_ignore_is_refused(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--config", str(tmp_path / "x.toml"), "--workdir", str(tmp_path)])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --config" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "personalize", "--seed", "3", "--workdir", str(tmp_path)])
+    assert info.value.code == 2
 
 
 def test_console_script_runs() -> None:
