@@ -268,7 +268,7 @@ class PersonalizeConfig:
     threshold_tolerance: float = 0.1  # the highest on-threshold whose held-out F1 is this close to the best
     # ... but a brief sound's (one whose hold run-margin-ms cut: a click, not a pop) no higher than this: its quiet
     # held-out takes lose nothing up to the grid's top, while the same click over a loud room stays below it
-    brief_sound_max_on: float = 0.8
+    brief_sound_max_on: float = 0.75
     min_duration_ms: float = 250.0  # a sound must hold this long: speech's nasals and fricatives do not
     # a sustained sound must hold this multiple of its short enrolled examples' length (their 20th percentile;
     # the inflated labels keep a true sound high for about the receptive field past its end) ...
