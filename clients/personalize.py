@@ -44,31 +44,31 @@ one an hour, so of the thresholds that lose nothing the highest is taken (with 3
 take costs more than 0.1 of F1). The report gives each sound's held-out precision and recall at that threshold,
 the false triggers per hour on the held-out background, the same F1 for the untuned head, and the time taken.
 
-The personal detector's post-processing keeps the global bundle's settings except the per-sound thresholds,
-the per-sound minimum durations, ``onset-at-rise``, ``rise-threshold``, ``refractory-ms`` and
-``min-onset-rise-db`` (6 dB: an event must rise that much in level into it, which a steady fan that the model
-takes for a pop does not). A sound holds
-``min-duration-ms`` (250 ms lets the detector wait until a speech plosive or click-like transient has gone on
-into the next phoneme; the inflated labels keep a true click or pop high for about 300 ms); a sustained sound
-must also hold ``min-duration-fraction`` (1.25) times its short enrolled examples (their 20th percentile; it
-stays high for about the receptive field past its end), up to ``max-min-duration-ms``: a hum enrolled at
-0.3-0.9 s waits 0.5 s, longer than most runs of voiced speech that the model takes for a hum (a nasal,
-50-140 ms, into a vowel). A short sound's hold (``min-duration-ms``) is then cut to end ``run-margin-ms`` (50)
-before its held-out takes fell below off (their median, at the picked thresholds), but to no less than
-``shortest-min-duration-ms`` (220): a click's probability stays up for about the receptive field, in the median
-270 ms from reaching on, and a 250 ms hold lost the clicks whose probability rose a little late or fell a little
-early (a sustained sound's hold is not cut: with 5 examples, held-out hums that fell back early let speech
-through). A brief sound, one whose hold was cut (a click), then has its thresholds picked
-again among on-thresholds up to ``brief-sound-max-on`` (0.75): its quiet held-out takes lose nothing up to the
-grid's top (0.98), but the same click over a loud room stays below it. Over twenty benchmark users a fixed 0.8
-kept clicks' recall at 0.95 for 9 false triggers in 100 hours, against 0.90 and none at 0.98; pops, whose holds
-are rarely cut, drew 29 at 0.8. The ceiling is 0.75, a little lower: the users whose clicks over loud rooms
-peak lowest missed the recall target at 0.8 (BENCHMARKS.md). With ``onset-at-rise`` an event's onset is where
-its probability began to rise (above ``rise-threshold``, 0.2, or the off threshold where that is lower; at most
-the detector's ``max-rise-ms``, 300 ms, before it reached on), so a sound recognised only after a while is still
-dated from its start (a hiss or hum whose probability takes 150 ms to climb from 0.2 to the off threshold would
-otherwise be dated outside the 100 ms onset collar); the trigger comes when the event is confirmed (the detection
-latency).
+The personal detector's post-processing keeps the global bundle's settings except the per-sound thresholds, the
+per-sound minimum durations, ``onset-at-rise``, ``rise-threshold``, ``refractory-ms`` and ``min-onset-rise-db`` (6
+dB: an event must rise that much in level into it, which a steady fan that the model takes for a pop does not). A
+sound holds ``min-duration-ms`` (250 ms lets the detector wait until a speech plosive or click-like transient has
+gone on into the next phoneme; the inflated labels keep a true click or pop high for about 300 ms); a sustained
+sound must also hold ``min-duration-fraction`` (1.25) times its short enrolled examples (their 20th percentile; it
+stays high for about the receptive field past its end), up to ``max-min-duration-ms``: a hum enrolled at 0.3-0.9 s
+waits 0.5 s, longer than most runs of voiced speech that the model takes for a hum (a nasal, 50-140 ms, into a
+vowel). A short sound's hold (``min-duration-ms``) is then cut to end ``run-margin-ms`` (50) before its held-out
+takes fell below off (their median, at the picked thresholds), but to no less than ``shortest-min-duration-ms``
+(220): a click's probability stays up for about the receptive field, in the median 270 ms from reaching on, and a
+250 ms hold lost the clicks whose probability rose a little late or fell a little early (a sustained sound's hold
+is not cut: with 5 examples, held-out hums that fell back early let speech through). A brief sound, one whose hold
+was cut (a click), then has its thresholds picked again among on-thresholds up to ``brief-sound-max-on`` (0.75):
+its quiet held-out takes lose nothing up to the grid's top (0.98), but the same click over a loud room stays below
+it. Over twenty benchmark users a fixed 0.8 kept clicks' recall at 0.95 for 9 false triggers in 100 hours, against
+0.90 and none at 0.98; pops, whose holds are rarely cut, drew 29 at 0.8. The ceiling is 0.75, a little lower: the
+users whose clicks over loud rooms peak lowest missed the recall target at 0.8 (BENCHMARKS.md). No sound's
+on-threshold is picked below ``min-on-threshold`` (0.5): with 5 examples a sound has 2 held-out takes, and a click
+that only 0.05 caught in one of them once set clicks off 69 times on speech in a benchmark user's 5 hours of
+aggressor audio. With ``onset-at-rise`` an event's onset is where its probability began to rise (above
+``rise-threshold``, 0.2, or the off threshold where that is lower; at most the detector's ``max-rise-ms``, 300 ms,
+before it reached on), so a sound recognised only after a while is still dated from its start (a hiss or hum whose
+probability takes 150 ms to climb from 0.2 to the off threshold would otherwise be dated outside the 100 ms onset
+collar); the trigger comes when the event is confirmed (the detection latency).
 
 The personal bundle is written to ``PROFILE/personal/`` with :func:`clients.bundle.write_bundle` and made
 private (0700 folders, 0600 files). Nothing here opens a network connection.
@@ -597,12 +597,13 @@ def threshold_f1(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[s
 
 def pick_thresholds(f1: np.ndarray, settings: PersonalizeConfig, ceilings: Sequence[float] | None = None
                     ) -> list[float]:
-    """Per sound (a row of :func:`threshold_f1`): the highest on-threshold (up to its ``ceilings`` entry, default
-    1) whose held-out event F1 is within ``threshold-tolerance`` of the best of those thresholds."""
+    """Per sound (a row of :func:`threshold_f1`): the highest on-threshold from ``min-on-threshold`` up to its
+    ``ceilings`` entry (default 1) whose held-out event F1 is within ``threshold-tolerance`` of the best of those
+    thresholds."""
     grid = np.array(THRESHOLD_GRID)
     chosen = []
     for scores_k, ceiling in zip(f1, [1.0] * len(f1) if ceilings is None else ceilings, strict=True):
-        scores = np.where(grid <= ceiling, scores_k, -np.inf)
+        scores = np.where((grid >= settings.min_on_threshold) & (grid <= ceiling), scores_k, -np.inf)
         near_best = np.flatnonzero(scores >= scores.max() - settings.threshold_tolerance - 1e-9)
         chosen.append(THRESHOLD_GRID[int(near_best[-1])])
     return chosen

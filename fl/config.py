@@ -269,6 +269,9 @@ class PersonalizeConfig:
     # ... but a brief sound's (one whose hold run-margin-ms cut: a click, not a pop) no higher than this: its quiet
     # held-out takes lose nothing up to the grid's top, while the same click over a loud room stays below it
     brief_sound_max_on: float = 0.75
+    # no sound's on-threshold is picked below this: with 5 examples a sound has 2 held-out takes, and one that
+    # only a threshold near 0 catches would set the sound off on every flicker of speech
+    min_on_threshold: float = 0.5
     min_duration_ms: float = 250.0  # a sound must hold this long: speech's nasals and fricatives do not
     # a sustained sound must hold this multiple of its short enrolled examples' length (their 20th percentile;
     # the inflated labels keep a true sound high for about the receptive field past its end) ...
@@ -311,6 +314,9 @@ class PersonalizeConfig:
             (0 <= self.off_margin <= 1, "off-margin", "must be in [0, 1]"),
             (0 <= self.threshold_tolerance < 1, "threshold-tolerance", "must be in [0, 1)"),
             (0 < self.brief_sound_max_on <= 1, "brief-sound-max-on", "must be in (0, 1]"),
+            # a step of the threshold grid (clients/personalize.py) fits between them
+            (0 <= self.min_on_threshold <= self.brief_sound_max_on - 0.05, "min-on-threshold",
+             "must be in [0, brief-sound-max-on - 0.05]"),
             (self.min_duration_ms >= 0, "min-duration-ms", "must be non-negative"),
             (0 <= self.min_duration_fraction <= 2, "min-duration-fraction", "must be in [0, 2]"),
             (self.max_min_duration_ms >= self.min_duration_ms, "max-min-duration-ms",

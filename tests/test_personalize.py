@@ -16,6 +16,7 @@ from clients.enroll import enroll
 from clients.listen import listen
 from clients.mouth_sounds import background_take, enrollment_take, make_aggressor_stream, make_test_stream, make_voice
 from clients.personalize import (
+    THRESHOLD_GRID,
     PersonalData,
     PersonalizeConfig,
     PersonalizeError,
@@ -335,7 +336,9 @@ def test_settings_file(tmp_path):
                           ("off-margin = 1.5", r"personalize.off-margin: must be in \[0, 1\]"),
                           ("warp-percent = 60", r"personalize.warp-percent: must be in \[0, 50\]"),
                           ("rise-threshold = 0", r"personalize.rise-threshold: must be in \(0, 1\]"),
-                          ("brief-sound-max-on = 0", r"personalize.brief-sound-max-on: must be in \(0, 1\]")):
+                          ("brief-sound-max-on = 0", r"personalize.brief-sound-max-on: must be in \(0, 1\]"),
+                          ("min-on-threshold = 0.72", r"personalize.min-on-threshold: must be in \[0, "
+                                                      r"brief-sound-max-on - 0.05\]")):
         path.write_text(f"[personalize]\n{body}\n")
         with pytest.raises(ConfigError, match=f"{path}: {message}"):
             load_personalize_config(path)
@@ -397,6 +400,24 @@ def test_a_brief_sound_is_picked_no_higher_than_its_ceiling():
     probs[300:330, 0] = 0.85  # a click-like burst between the takes, above the ceiling: the ceiling still holds
     f1 = threshold_f1(probs, stream, sounds, settings, DetectorConfig(), frame_s, durations)
     assert pick_thresholds(f1, settings, ceilings)[0] == 0.8
+
+
+def test_no_threshold_is_picked_below_the_floor_to_catch_one_faint_take():
+    frame_s = 0.01
+    probs = np.full((700, 1), 0.01, np.float32)
+    probs[100:150, 0] = 0.99  # one held-out click near 1 while it holds ...
+    probs[400:450, 0] = 0.3  # ... the other never above 0.3: only a threshold at or below 0.3 catches both
+    stream = ValidationStream(np.zeros((700, 64), np.float32), [("click", 1.0), ("click", 4.0)], [], np.zeros(700))
+    durations = {"click": 250.0}
+    settings = PersonalizeConfig(min_duration_ms=250.0, min_onset_rise_db=0.0, min_on_threshold=0.0)
+    f1 = threshold_f1(probs, stream, ["click"], settings, DetectorConfig(), frame_s, durations)
+    grid = np.array(THRESHOLD_GRID)
+    assert np.all(f1[0, grid <= 0.3] == 1.0) and np.allclose(f1[0, grid > 0.3], 2 / 3)
+    assert pick_thresholds(f1, settings) == [0.3]  # without a floor the faint take drags it down
+    floored = dataclasses.replace(settings, min_on_threshold=0.5)
+    assert pick_thresholds(f1, floored) == [0.98]  # with it: the highest of the thresholds that tie above it
+    assert pick_thresholds(f1, floored, [0.75]) == [0.75]
+    assert PersonalizeConfig().min_on_threshold == load_personalize_config().min_on_threshold == 0.5
 
 
 def test_holds_end_a_margin_before_the_held_out_takes_fall_below_off():
