@@ -315,7 +315,7 @@ class PersonalizeConfig:
             (0 <= self.threshold_tolerance < 1, "threshold-tolerance", "must be in [0, 1)"),
             (0 < self.brief_sound_max_on <= 1, "brief-sound-max-on", "must be in (0, 1]"),
             # a step of the threshold grid (clients/personalize.py) fits between them
-            (0 <= self.min_on_threshold <= self.brief_sound_max_on - 0.05, "min-on-threshold",
+            (0 <= self.min_on_threshold <= self.brief_sound_max_on - 0.05 + 1e-9, "min-on-threshold",
              "must be in [0, brief-sound-max-on - 0.05]"),
             (self.min_duration_ms >= 0, "min-duration-ms", "must be non-negative"),
             (0 <= self.min_duration_fraction <= 2, "min-duration-fraction", "must be in [0, 2]"),

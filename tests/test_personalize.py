@@ -418,6 +418,8 @@ def test_no_threshold_is_picked_below_the_floor_to_catch_one_faint_take():
     assert pick_thresholds(f1, floored) == [0.98]  # with it: the highest of the thresholds that tie above it
     assert pick_thresholds(f1, floored, [0.75]) == [0.75]
     assert PersonalizeConfig().min_on_threshold == load_personalize_config().min_on_threshold == 0.5
+    # in floats 0.6 - 0.05 < 0.55: the check allows for that
+    assert PersonalizeConfig(brief_sound_max_on=0.6, min_on_threshold=0.55).min_on_threshold == 0.55
 
 
 def test_holds_end_a_margin_before_the_held_out_takes_fall_below_off():
