@@ -1,0 +1,2 @@
+"""Data preparation: FSD50K download and metadata, synthetic corpora (FSD50K-like and many-voice mouth sounds)
+and feature extraction into the store (``prep``)."""

@@ -1,9 +1,9 @@
 """A corpus of synthetic mouth sounds from many voices, in FSD50K's release layout.
 
 What a federation of many users would hold, and what the global detector of Lea et al. was trained on: each
-voice (:func:`clients.mouth_sounds.make_voice`) is one uploader, with a few takes of each mouth sound
+voice (:func:`data_prep.mouth_sounds.make_voice`) is one uploader, with a few takes of each mouth sound
 (``pop``, ``click``, ``hiss``, ``hum``, ``whistle``: one label each; half in a quiet room, half over a louder
-room floor, :func:`clients.mouth_sounds.corpus_take`) and clips of its background (its room, its
+room floor, :func:`data_prep.mouth_sounds.corpus_take`) and clips of its background (its room, its
 speech and other talkers, fan, traffic, babble: the label ``background``). Voices are split whole between
 train, val and eval (one in ten each to val and eval), so a partition by uploader is a partition by voice.
 Audio is written at 44.1 kHz, PCM_16, mono; ``fedsound data prep`` turns the tree into a feature store like
@@ -19,8 +19,8 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from clients.mouth_sounds import SOUNDS, background_take, corpus_take, make_aggressor_stream, make_voice
 from data_prep.fsd50k import AUDIO_DIRS, GROUND_TRUTH, METADATA
+from data_prep.mouth_sounds import SOUNDS, background_take, corpus_take, make_aggressor_stream, make_voice
 from data_prep.synth import staged_tree, write_csv
 from fl.errors import ConfigError
 

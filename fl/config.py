@@ -15,13 +15,15 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fl.errors import ConfigError
 from fl.models import ModelConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The configs shipped as package data (the ``configs`` package): a folder on disk in every supported install.
+CONFIG_DIR = Path(str(resources.files("configs")))
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -209,7 +211,7 @@ class DetectorConfig:
     # label -> minimum duration in ms, replacing min-duration-ms for that label
     class_min_duration_ms: dict[str, float] = field(default_factory=dict)
     # an event triggers only if the frames' level rose by at least this many dB from just before its onset to
-    # its loudest frame by the time it is confirmed (clients/postprocess.py); 0 = no check
+    # its loudest frame by the time it is confirmed (clients/detector/postprocess.py); 0 = no check
     min_onset_rise_db: float = 0.0
 
     def __post_init__(self) -> None:
@@ -281,7 +283,7 @@ class PersonalizeConfig:
     # median run from on) falls below off: a click's stays up for about the receptive field, a little longer ...
     run_margin_ms: float = 50.0
     shortest_min_duration_ms: float = 220.0  # ... but is never shorter than this
-    onset_at_rise: bool = True  # the detector's onset-at-rise (clients/postprocess.py)
+    onset_at_rise: bool = True  # the detector's onset-at-rise (clients/detector/postprocess.py)
     rise_threshold: float = 0.2  # the detector's rise-threshold: the onset is dated from the run above it
     refractory_ms: float = 300.0
     min_onset_rise_db: float = 6.0  # the detector's min-onset-rise-db: a fan or a sound already under way
@@ -314,7 +316,7 @@ class PersonalizeConfig:
             (0 <= self.off_margin <= 1, "off-margin", "must be in [0, 1]"),
             (0 <= self.threshold_tolerance < 1, "threshold-tolerance", "must be in [0, 1)"),
             (0 < self.brief_sound_max_on <= 1, "brief-sound-max-on", "must be in (0, 1]"),
-            # a step of the threshold grid (clients/personalize.py) fits between them
+            # a step of the threshold grid (clients/detector/personalize.py) fits between them
             (0 <= self.min_on_threshold <= self.brief_sound_max_on - 0.05 + 1e-9, "min-on-threshold",
              "must be in [0, brief-sound-max-on - 0.05]"),
             (self.min_duration_ms >= 0, "min-duration-ms", "must be non-negative"),

@@ -29,7 +29,9 @@ import numpy as np
 import pandas as pd
 from scipy.spatial.distance import jensenshannon
 
+from fl.config import Config
 from fl.errors import ConfigError, DataError
+from fl.store import FeatureStore
 
 METHODS = ("uploader", "iid", "dirichlet")
 REQUIRED_COLUMNS = ("fname", "uploader", "n_segs")
@@ -360,3 +362,19 @@ def plot_partition(
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def build_partition(store_path: Path, config: Config, out: Path | None = None) -> tuple[Path, dict, Path]:
+    """Partition the store's train split as configured; write the plan (default ``partition.json`` beside the
+    store) and a histogram plot. Returns (plan path, summary, plot path)."""
+    store = FeatureStore(store_path)
+    table = store.table("train")
+    p = config.partition
+    plan = make_partition(table.clips, table.labels, by=p.by, min_clips=p.min_clips, n_clients=p.clients,
+                          alpha=p.alpha, seed=config.seed)
+    out = out or store.path.parent / "partition.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plan.save(out)
+    plot = out.with_suffix(".png")
+    plot_partition(plan, table.clips, table.labels, plot)
+    return out, summarize_partition(plan, table.clips, table.labels, store.labels), plot

@@ -1,0 +1,2 @@
+"""The Flower ServerApp (``server_app``): strategies, client sampling, update checks, global evaluation and
+checkpoints (``strategy``)."""

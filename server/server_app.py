@@ -14,10 +14,9 @@ from flwr.serverapp import Grid, ServerApp
 from fl.config import Config, to_dict
 from fl.federation import CONFIG_KEY, RunSettings, open_store, settings_from_run_config, update_problem
 from fl.model_io import save_model
-from fl.partition import PartitionPlan
+from fl.partition import PartitionPlan, build_partition
 from fl.rundir import RunDir, plot_curves
 from fl.runtime import pick_device
-from fl.simulate import build_partition
 from fl.store import FeatureStore
 from fl.train import evaluate, model_extra, new_model
 from server.strategy import SampledGrid, build_strategy, restore_strategy_state, sample_partitions, strategy_state

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from clients.bundle import (
+from clients.detector.bundle import (
     BACKGROUND,
     BACKGROUND_LABELS,
     MANIFEST,
@@ -162,7 +162,7 @@ def test_profile_directories_resolve_to_their_personal_bundle(exported, tmp_path
 
 
 def test_cli_export_carries_the_asked_number_of_background_patches_without_excluded_labels(exported, tmp_path):
-    from fl.cli import main
+    from fedsound.cli import main
 
     store, model_path, _ = exported
     out = tmp_path / "cli-bundle"

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from fl.bench import cpu_model, machine_info
-from fl.cli import build_parser, main
+from benchmarks.common import cpu_model, machine_info
+from fedsound.cli import build_parser, main
 from fl.config import CONFIG_DIR
 
 COMMANDS = ["demo", "data", "train", "simulate", "evaluate", "sweep", "export", "enroll", "personalize",
@@ -64,7 +64,8 @@ def test_a_shared_option_a_command_would_ignore_is_refused(tmp_path, capsys) -> 
 
 
 def test_console_script_runs() -> None:
-    result = subprocess.run([sys.executable, "-m", "fl.cli", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "fedsound.cli", "--help"], capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0
     assert "simulate" in result.stdout
 

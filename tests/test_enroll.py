@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from clients.enroll import (
+from clients.detector.enroll import (
     MIN_EXAMPLES,
     EnrollError,
     TakeRejected,
@@ -18,8 +18,8 @@ from clients.enroll import (
     enroll,
     segments_from_energy,
 )
-from clients.mouth_sounds import enrollment_take, make_voice
-from clients.profile import Profile, ProfileError
+from clients.detector.profile import Profile, ProfileError
+from data_prep.mouth_sounds import enrollment_take, make_voice
 
 RATE = 16000
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from clients.event_metrics import EventCounts, event_counts, false_triggers_per_hour, match_onsets
+from clients.detector.event_metrics import EventCounts, event_counts, false_triggers_per_hour, match_onsets
 
 
 def test_collar_is_inclusive_at_100_ms():

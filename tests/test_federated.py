@@ -24,15 +24,15 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from clients.client_app import app as client_app
-from fl.cli import main as cli_main
+from fedsound.cli import main as cli_main
+from fedsound.simulate import backend_config, simulate
 from fl.config import STRATEGIES, Config, apply_flat
 from fl.errors import ConfigError
 from fl.federation import RUN_ENV, RunSettings, settings_from_run_config, update_problem
 from fl.model_io import load_model
-from fl.partition import PartitionPlan, partition_by_uploader
+from fl.partition import PartitionPlan, build_partition, partition_by_uploader
 from fl.rundir import RunDir
 from fl.runtime import configure_environment
-from fl.simulate import backend_config, build_partition, simulate
 from fl.store import FeatureStore
 from fl.train import new_model, train_epochs
 from server.server_app import run_federated
@@ -98,6 +98,7 @@ def resumed(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest.TempP
     return {"out": out, "after_one": after_one}
 
 
+@pytest.mark.slow
 def test_two_rounds_write_metrics_model_and_plot(uninterrupted: Path, sim_config: Config) -> None:
     records = RunDir(uninterrupted).records()
     assert [r["round"] for r in records] == [1, 2]
@@ -119,6 +120,7 @@ def test_two_rounds_write_metrics_model_and_plot(uninterrupted: Path, sim_config
     assert RunDir(uninterrupted).load_checkpoint()["round"] == 2
 
 
+@pytest.mark.slow
 def test_same_seed_same_partitions_and_weights(uninterrupted: Path, repeat: Path, sim_config: Config) -> None:
     a, b = RunDir(uninterrupted).records(), RunDir(repeat).records()
     n_clients = PartitionPlan.load(uninterrupted / "partition.json").n_clients
@@ -130,6 +132,7 @@ def test_same_seed_same_partitions_and_weights(uninterrupted: Path, repeat: Path
     assert_same_weights(model_state(uninterrupted), model_state(repeat))
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(uninterrupted: Path, resumed: dict) -> None:
     assert [r["round"] for r in resumed["after_one"]] == [1]
     records = RunDir(resumed["out"]).records()
@@ -159,6 +162,7 @@ def faulty_run(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest.Te
     return base / "run"
 
 
+@pytest.mark.slow
 def test_failing_and_nan_clients_do_not_stop_the_round(faulty_run: Path) -> None:
     (record,) = RunDir(faulty_run).records()
     n_clients = PartitionPlan.load(faulty_run / "partition.json").n_clients
@@ -201,6 +205,7 @@ def strategy_runs(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest
     return {"config": config, "plan": PartitionPlan.load(plan_path), "outs": {k: s.out for k, s in runs.items()}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_runs_one_round(strategy_runs: dict, tiny_store: Path, strategy: str) -> None:
     out = strategy_runs["outs"][strategy]
@@ -250,6 +255,7 @@ def replay_clients(strategy_runs: dict, store_path: Path, sampled: list[int]) ->
     return updates, np.array(sizes, dtype=np.float64)
 
 
+@pytest.mark.slow
 def test_aggregation_matches_the_strategies_definitions(strategy_runs: dict, tiny_store: Path) -> None:
     """FedAvg is the patch-weighted mean of the client updates, FedAvgM's first round equals it (momentum
     starts at the first pseudo-gradient, server lr 1), FedTrimmedAvg with nothing trimmed is the plain mean,

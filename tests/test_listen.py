@@ -10,21 +10,18 @@ import pytest
 import soundfile as sf
 from scipy.signal import resample_poly
 
-from clients import listen as listen_module
-from clients.bench_stream import LABELS, frame_targets, match_events, synthetic_event_stream, train_event_model
-from clients.bundle import export_bundle, load_bundle
-from clients.listen import (
-    ArraySource,
-    FileSource,
+from benchmarks.stream.bench import LABELS, frame_targets, match_events, synthetic_event_stream, train_event_model
+from clients.detector import listen as listen_module
+from clients.detector.audio_input import ArraySource, AudioInputError, FileSource, MicSource, open_microphone
+from clients.detector.bundle import export_bundle, load_bundle
+from clients.detector.listen import (
     ListenError,
-    MicSource,
     detector_settings,
     listen,
-    open_microphone,
     parse_exec_map,
     run_detector,
 )
-from clients.stream import StreamingDetector, single_thread
+from clients.detector.stream import StreamingDetector, single_thread
 from fl.config import Config, DetectorConfig, FrontendConfig, to_dict
 from fl.frontend import Frontend
 from fl.model_io import save_model
@@ -156,18 +153,18 @@ def test_realtime_pacing_delivers_the_same_blocks():
 
 def test_microphone_without_sounddevice_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "sounddevice", None)  # import fails as if not installed
-    with pytest.raises(ListenError, match=r"pip install 'fedsound\[mic\]'") as info:
+    with pytest.raises(AudioInputError, match=r"pip install 'fedsound\[mic\]'") as info:
         open_microphone(16000, 160)
     assert "\n" not in str(info.value)
 
 
 def test_bad_inputs_and_exec_mappings_are_clear_errors(setup, tmp_path):
     bundle, _, _ = setup
-    with pytest.raises(ListenError, match="audio file not found"):
+    with pytest.raises(AudioInputError, match="audio file not found"):
         listen(bundle, Config(), input_=str(tmp_path / "missing.wav"))
     junk = tmp_path / "junk.wav"
     junk.write_text("not audio")
-    with pytest.raises(ListenError, match="cannot read audio file"):
+    with pytest.raises(AudioInputError, match="cannot read audio file"):
         listen(bundle, Config(), input_=str(junk))
     with pytest.raises(ListenError, match="expected LABEL=COMMAND"):
         parse_exec_map(["click"], LABELS)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from fl.bench_train import run_train_bench
+from benchmarks.train.bench import run_train_bench
 from fl.config import model_from_dict
 from fl.errors import FedsoundError
 from fl.model_io import ModelFileError, load_model, save_model

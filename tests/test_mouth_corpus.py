@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from clients.mouth_sounds import SOUNDS
 from data_prep.fsd50k import read_index
 from data_prep.mouth_corpus import BACKGROUND, synthesize_mouth_corpus
+from data_prep.mouth_sounds import SOUNDS
 from data_prep.prep import prep
 from fl.config import CONFIG_DIR, load_config
 from fl.errors import ConfigError, DataError
@@ -72,7 +72,7 @@ def test_prep_turns_it_into_a_store(corpus, tmp_path):
 
 
 def test_cli_writes_the_corpus(tmp_path, capsys):
-    from fl.cli import main
+    from fedsound.cli import main
 
     code = main(["data", "mouth-sounds", str(tmp_path / "cli"), "--voices", "10", "--takes", "1", "--background", "1",
                  "--seed", "3", "--workdir", str(tmp_path), "-q"])

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from clients.enroll import frame_energy_db
-from clients.mouth_sounds import (
+from clients.detector.enroll import frame_energy_db
+from data_prep.mouth_sounds import (
     SOUNDS,
     background_take,
     corpus_take,

@@ -11,11 +11,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from clients.bundle import load_bundle, write_bundle
-from clients.enroll import enroll
-from clients.listen import listen
-from clients.mouth_sounds import background_take, enrollment_take, make_aggressor_stream, make_test_stream, make_voice
-from clients.personalize import (
+from clients.detector.bundle import load_bundle, write_bundle
+from clients.detector.enroll import enroll
+from clients.detector.listen import listen
+from clients.detector.personalize import (
     THRESHOLD_GRID,
     PersonalData,
     PersonalizeConfig,
@@ -40,7 +39,8 @@ from clients.personalize import (
     threshold_f1,
     warp_bands,
 )
-from clients.profile import Profile
+from clients.detector.profile import Profile
+from data_prep.mouth_sounds import background_take, enrollment_take, make_aggressor_stream, make_test_stream, make_voice
 from fl.config import CONFIG_DIR, Config, DetectorConfig, FrontendConfig, load_config
 from fl.errors import ConfigError
 from fl.frontend import Frontend, band_centres_hz
@@ -453,8 +453,8 @@ def test_holds_end_a_margin_before_the_held_out_takes_fall_below_off():
 
 
 def test_bench_pools_users_by_summing_counts_and_hours():
-    from clients.bench_personalize import Quality
-    from clients.event_metrics import EventCounts
+    from benchmarks.personalize.bench import Quality
+    from clients.detector.event_metrics import EventCounts
 
     first = Quality({"pop": EventCounts(9, 1, 1), "hum": EventCounts(10, 0, 0)}, {"pop": [100.0], "hum": [400.0]},
                     {"hum": {"speech": 2}}, 3600.0)
@@ -472,7 +472,7 @@ def test_bench_pools_users_by_summing_counts_and_hours():
 
 
 def test_a_false_trigger_belongs_to_the_aggressor_clip_under_it():
-    from clients.bench_personalize import aggressor_under
+    from benchmarks.personalize.bench import aggressor_under
 
     clips = [("speech", 1.0, 2.0), ("fan", 2.2, 4.0), ("babble", 6.0, 7.0)]
     assert aggressor_under(1.5, clips) == "speech"
@@ -484,8 +484,8 @@ def test_a_false_trigger_belongs_to_the_aggressor_clip_under_it():
 
 
 def test_bench_enrolls_the_first_takes_of_each_sound_whatever_the_other_counts(tmp_path):
-    from clients.bench_personalize import _sizes, enroll_user
-    from clients.profile import Profile
+    from benchmarks.personalize.bench import _sizes, enroll_user
+    from clients.detector.profile import Profile
 
     both = enroll_user(tmp_path / "both", _sizes(True), 0, 11, (10, 5))
     alone = enroll_user(tmp_path / "alone", _sizes(True), 0, 11, (5,))
@@ -497,9 +497,10 @@ def test_bench_enrolls_the_first_takes_of_each_sound_whatever_the_other_counts(t
             assert np.array_equal(profiles["alone"].read(mine)[0], profiles["both"].read(theirs)[0])
 
 
+@pytest.mark.slow
 def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_path, capsys, monkeypatch):
-    from clients import bench_personalize
-    from clients.bench_personalize import run_personalize_bench
+    from benchmarks.personalize import bench as bench_personalize
+    from benchmarks.personalize.bench import run_personalize_bench
 
     report = run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12), aggressor_hours=0.05)
     assert list(report["users"]) == ["11"]  # quick runs the first user only

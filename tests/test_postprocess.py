@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from clients.postprocess import EventTracker, class_confirm_frames, class_thresholds, min_duration_frames
+from clients.detector.postprocess import EventTracker, class_confirm_frames, class_thresholds, min_duration_frames
 from fl.config import Config, DetectorConfig, apply
 from fl.errors import ConfigError
 

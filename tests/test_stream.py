@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from clients.stream import StreamEngine, StreamingDetector, StreamingFrontend, offline_probabilities, single_thread
+from clients.detector.stream import (
+    StreamEngine,
+    StreamingDetector,
+    StreamingFrontend,
+    offline_probabilities,
+    single_thread,
+)
 from fl.config import DetectorConfig, FrontendConfig
 from fl.frontend import Frontend
 from fl.models import ModelConfig, build_model

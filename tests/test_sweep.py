@@ -1,4 +1,4 @@
-"""Ray Tune sweeps over federated parameters (fl/sweep.py) on the tiny synthetic store.
+"""Ray Tune sweeps over federated parameters (fedsound/sweep.py) on the tiny synthetic store.
 
 Each trial is a real Flower simulation in its own process and Ray (15-30 s on two cores), so the module runs
 one sweep of the 2 x 1 grid of one-round trials in configs/sweep/tiny.toml: its driver runs the first trial to
@@ -21,10 +21,10 @@ import pandas as pd
 import pytest
 import ray
 
+from fedsound.sweep import ATTEMPTS_NAME, expand_grid, run_sweep
 from fl.config import CONFIG_DIR, Config, apply_flat, load_config
 from fl.errors import ConfigError, DataError
 from fl.runtime import configure_environment
-from fl.sweep import ATTEMPTS_NAME, expand_grid, run_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = CONFIG_DIR / "sweep" / "tiny.toml"
@@ -83,11 +83,12 @@ def test_bad_grid_is_a_one_line_error_before_ray(tmp_path: Path, tiny_store: Pat
     assert not ray.is_initialized() and not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_finished_trials_and_writes_results(
         workdir: Path, tiny_store: Path, sweep_config: Config) -> None:
     out = workdir / "killed"
     runs = [out / "trials" / t.name for t in expand_grid(sweep_config)]
-    script = ("import sys; from pathlib import Path; from fl.config import load_config; from fl.sweep import "
+    script = ("import sys; from pathlib import Path; from fl.config import load_config; from fedsound.sweep import "
               "run_sweep; run_sweep(Path(sys.argv[1]), load_config(Path(sys.argv[2]), overrides={'seed': 0, "
               "'train.batch-size': 32, 'train.device': 'cpu'}), Path(sys.argv[3]), progress=False)")
     driver = subprocess.Popen([sys.executable, "-c", script, str(tiny_store), str(TINY), str(out)], cwd=REPO,

@@ -7,8 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from clients.postprocess import EventTracker
-from clients.tradeoff import (
+from benchmarks.personalize.tradeoff import (
     EXTRA_HOLD_MS,
     ON_THRESHOLDS,
     REGION_GAP_FRAMES,
@@ -21,6 +20,7 @@ from clients.tradeoff import (
     save_probabilities,
     tradeoff,
 )
+from clients.detector.postprocess import EventTracker
 from fl.config import DetectorConfig
 from fl.errors import DataError
 

@@ -1,0 +1,496 @@
+"""``fedsound bench personalize``: detection quality after private fine-tuning, and the fine-tuning time.
+
+1. Global model. ``WORKDIR/global-bundle`` when it exists; otherwise it is made here, as a federation of
+   many users would make it: a synthetic corpus of ``data_prep.mouth_corpus.VOICES`` voices (960), each with
+   takes of the five mouth sounds and clips of its background (:mod:`data_prep.mouth_corpus`, in FSD50K's
+   layout, one uploader per voice; deleted once its features are stored), a feature store with the Lea et al.
+   frontend (``configs/features/lea16k.toml``: 16 kHz, 64 bands, 10 ms hop; ``data prep``), a TCN trained
+   centrally on it (``train``, standing in for the federated run) and exported with background patches of
+   those voices (``export --exclude-labels`` the five sounds).
+2. Synthetic users (``USER_SEEDS``, four, or those of ``--users``; their voices are not in the corpus): each
+   enrolls 10 takes of each of the five mouth sounds and three minutes of background (six 30 s takes of their
+   room with its noises, sometimes a television, and their own speech) through
+   :func:`clients.detector.enroll.enroll` from
+   WAV files; a second profile holds the first 5 takes of each sound and the same background (``EXAMPLES``;
+   ``--examples`` chooses the counts: ``--examples 10`` alone halves the time a screen of settings takes, with the
+   same 10-example figures).
+3. :func:`clients.detector.personalize.personalize` fine-tunes each profile (timed).
+4. Each personal bundle runs (frontend, TCN, the streaming post-processing) over its user's held-out test
+   stream (mouth sounds at known onsets between speech-like and noise aggressors) and over five hours of that
+   user's aggressor-only audio (``AGGRESSOR_HOURS``; ``--aggressor-hours`` sets it). Figures, pooled over the
+   users (summed event counts, all false triggers over all the aggressor hours) and per user: event-level
+   precision and recall with a 100 ms onset collar, false triggers per hour on the aggressor-only audio, median
+   detection latency (onset event emitted, frontend delay included, minus the true onset), fine-tuning time.
+   It takes tens of hours to tell a rate of 0.3 per hour from 0.6: four users' 20 hours let six false
+   triggers in, and none in 20 h bounds the rate below 0.15 per hour (95%); one hour per user could not.
+5. Operating points (:mod:`benchmarks.personalize.tradeoff`): each personal model's probabilities over its
+   user's audio are
+   saved (``user-U/probabilities-N.npz``); for the largest count of examples (10) the post-processing is rerun
+   over them at other on-thresholds and holds, pooled over the users: a table, and a figure beside the JSON
+   (``NAME-tradeoff.png``).
+6. Resume: each user's figures are saved (``user-U/result.json``) as soon as they are measured, keyed by
+   everything they depend on (:func:`user_key`: the code, settings, sizes, seeds, examples and global model); a rerun
+   takes a user whose key matches from there instead of measuring it again.
+
+Targets (issue 8), with 10 examples per sound: precision and recall at least 0.95, at most 0.3 false
+triggers per hour. ``quick`` shrinks every size, takes one user and fine-tunes 200 steps only, after at most 40
+of the head alone (smoke test; its figures mean little).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+from tqdm import tqdm
+
+from benchmarks.common import machine_info, write_json
+from benchmarks.personalize.tradeoff import (
+    SavedProbabilities,
+    format_tradeoff,
+    load_probabilities,
+    plot_tradeoff,
+    save_probabilities,
+    tradeoff,
+)
+from clients.detector.bundle import Bundle, export_bundle, load_bundle
+from clients.detector.enroll import enroll
+from clients.detector.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
+from clients.detector.personalize import PersonalizeConfig, load_personalize_config, personalize
+from clients.detector.postprocess import EventTracker
+from clients.detector.stream import frame_probabilities
+from data_prep.mouth_corpus import BACKGROUND_CLIPS, TAKES_PER_SOUND, VOICES, synthesize_mouth_corpus
+from data_prep.mouth_sounds import (
+    SOUNDS,
+    Stream,
+    background_take,
+    enrollment_take,
+    make_aggressor_stream,
+    make_test_stream,
+    make_voice,
+)
+from fl.config import CONFIG_DIR, Config, load_config, to_dict
+from fl.errors import ConfigError
+
+TARGETS = {"precision": 0.95, "recall": 0.95, "false_triggers_per_hour": 0.3}
+EXAMPLES = (10, 5)  # enrollment examples per sound: one profile per count, the takes of the smaller ones a prefix
+AGGRESSOR_HOURS = 5.0  # aggressor-only audio per user
+AGGRESSOR_CHUNK_S = 300.0
+USER_SEEDS = (7, 8, 9, 10)  # the synthetic users, in order; the first was the benchmark's only user before
+BACKGROUND_TAKE_S = 30.0
+BUNDLE_BACKGROUND_PATCHES = 320  # about 4 MB of float16 patches: the most a bundle carries
+# A false trigger belongs to the aggressor clip under its onset, from 50 ms before the clip starts (frame
+# centring) to 300 ms after it ends (the clip still fills most of the receptive field); otherwise to the floor.
+ATTRIBUTION_S = (0.05, 0.3)
+FLOOR = "floor"
+USER_RESULT = "result.json"  # a user's figures, saved as soon as they are measured (resume)
+
+
+def _sizes(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"voices": 10, "takes_per_sound": 1, "background_clips": 1, "epochs": 1, "events_per_sound": 6,
+                "aggressor_s": 120.0, "background_takes": 2, "steps": 200, "users": 1}
+    return {"voices": VOICES, "takes_per_sound": TAKES_PER_SOUND, "background_clips": BACKGROUND_CLIPS,
+            "epochs": 10, "events_per_sound": 40, "aggressor_s": 3600.0 * AGGRESSOR_HOURS, "background_takes": 6,
+            "steps": None, "users": None}
+
+
+def global_bundle(workdir: Path, quick: bool, seed: int, progress: bool) -> tuple[Path, str, str]:
+    """The global detector bundle (made from a synthetic many-voice mouth-sound corpus if missing), its manifest
+    SHA-256 and how it was made."""
+    bundle = workdir / "global-bundle"
+    if (bundle / "bundle.json").is_file():
+        sha = load_bundle(bundle).manifest["manifest_sha256"]
+        return bundle, sha, f"existing bundle {bundle} (manifest sha256 {sha})"
+    from data_prep.prep import prep
+    from fl.train import train_central
+
+    sizes = _sizes(quick)
+    features = CONFIG_DIR / "features" / "lea16k.toml"
+    config = load_config(features, overrides={"seed": seed, "train.epochs": sizes["epochs"], "train.lr": 2e-3,
+                                              "train.patience": 0, "train.device": "cpu"})
+    corpus, store = workdir / "mouth-corpus", workdir / "store" / "store.h5"
+    shutil.rmtree(corpus, ignore_errors=True)
+    synthesize_mouth_corpus(corpus, n_voices=sizes["voices"], takes_per_sound=sizes["takes_per_sound"],
+                            background_clips=sizes["background_clips"], seed=seed, progress=progress)
+    prep(corpus, store, config.frontend, workers=2, progress=progress)
+    shutil.rmtree(corpus)  # gigabytes of WAV; the feature store holds what training reads
+    run = workdir / "global-run"
+    shutil.rmtree(run, ignore_errors=True)
+    result = train_central(store, config, run, progress=progress)
+    export_bundle(run / "model.pt", bundle, config, store=store, background_patches=BUNDLE_BACKGROUND_PATCHES,
+                  exclude_labels=SOUNDS)
+    manifest = load_bundle(bundle).manifest
+    origin = (f"TCN ({config.model.channels} channels) trained {sizes['epochs']} epochs on a synthetic mouth-sound "
+              f"corpus of {sizes['voices']} voices (data_prep/mouth_corpus.py; the user's voice is not among them) "
+              f"with the lea16k frontend (val mAP {result['best_mAP']:.3f}), exported with "
+              f"{manifest['background']['patches']} background patches of those voices")
+    return bundle, manifest["manifest_sha256"], origin
+
+
+def _write_takes(folder: Path, waves: list[np.ndarray], rate: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, wave in enumerate(waves):
+        path = folder / f"{i:02d}.wav"
+        sf.write(path, wave, rate, subtype="PCM_16")
+        paths.append(path)
+    return paths
+
+
+def enroll_user(workdir: Path, sizes: dict[str, Any], seed: int, user_seed: int, examples: Sequence[int]
+                ) -> dict[int, Path]:
+    """Synthesize a user's takes, enroll them into one profile per example count (the first ``count`` takes of
+    each sound, whatever the other counts); returns count -> profile."""
+    voice = make_voice([seed, user_seed])
+    takes_dir = workdir / "takes"
+    shutil.rmtree(takes_dir, ignore_errors=True)
+    files = {}
+    for k, sound in enumerate(SOUNDS):
+        takes = [enrollment_take(sound, voice, [seed, user_seed, 1, k, i]) for i in range(max(examples))]
+        files[sound] = _write_takes(takes_dir / sound, [t.wave for t in takes], takes[0].sample_rate)
+    background = [background_take(voice, [seed, user_seed, 2, i], seconds=BACKGROUND_TAKE_S)
+                  for i in range(sizes["background_takes"])]
+    background_files = _write_takes(takes_dir / "background", [t.wave for t in background], background[0].sample_rate)
+    profiles = {}
+    for count in examples:
+        profile = workdir / "profiles" / f"{count}-examples"
+        shutil.rmtree(profile, ignore_errors=True)
+        for sound in SOUNDS:
+            enroll(profile, sound=sound, from_files=files[sound][:count], progress=False)
+        enroll(profile, background=True, from_files=background_files, progress=False)
+        profiles[count] = profile
+    return profiles
+
+
+def detect(bundle: Bundle, probs: np.ndarray, levels: np.ndarray) -> list[tuple[str, float, float]]:
+    """Onset events ``(label, onset_s, emitted_s)`` of a bundle's post-processing over its probabilities and the
+    frames' levels.
+
+    ``emitted_s`` is when a streaming detector emits the event: its confirming frame plus the frontend delay.
+    """
+    frame_s, delay_s = bundle.frontend_config.frame_s, bundle.frontend_config.delay_s
+    tracker = EventTracker(bundle.labels, bundle.detector, frame_s)
+    events = []
+    for t, (row, level) in enumerate(zip(probs, levels, strict=True)):
+        for event in tracker.update(row[None], t * frame_s + delay_s, level[None]):
+            if event.type == "onset":
+                events.append((event.label, event.onset_s, event.emitted_s))
+    return events
+
+
+def _latencies(reference: list[tuple[str, float, float]], detected: list[tuple[str, float, float]]
+               ) -> dict[str, list[float]]:
+    """Per sound, for each of its reference events: emitted time minus true onset of the first same-label
+    detection within the collar (ms)."""
+    out: dict[str, list[float]] = {name: [] for name in SOUNDS}
+    for label, onset, _ in reference:
+        emitted = [e for lab, on, e in detected if lab == label and abs(on - onset) <= COLLAR_S + 1e-9]
+        if emitted:
+            out[label].append(1000.0 * (min(emitted) - onset))
+    return out
+
+
+def aggressor_under(onset_s: float, clips: list[tuple[str, float, float]]) -> str:
+    """The kind of the aggressor clip ``(kind, start_s, end_s)`` a false trigger at ``onset_s`` belongs to
+    (``ATTRIBUTION_S``): the clip under it, else the last one that ended shortly before it, else ``FLOOR``."""
+    before, after = ATTRIBUTION_S
+    under = [kind for kind, start, end in clips if start - before <= onset_s <= end]
+    if under:
+        return under[0]
+    trailing = [kind for kind, _, end in clips if end < onset_s <= end + after]
+    return trailing[-1] if trailing else FLOOR
+
+
+@dataclass
+class Quality:
+    """Raw figures of one user, or of several pooled (``+``): per-sound event counts on the test streams,
+    detection latencies (ms), false triggers on the aggressor-only audio (sound -> aggressor kind under them
+    -> count) and its length."""
+
+    counts: dict[str, EventCounts]
+    latencies: dict[str, list[float]]
+    triggers: dict[str, dict[str, int]]
+    seconds: float
+
+    def __add__(self, other: Quality) -> Quality:
+        return Quality({name: self.counts[name] + other.counts[name] for name in self.counts},
+                       {name: self.latencies[name] + other.latencies[name] for name in self.latencies},
+                       {name: dict(Counter(self.triggers.get(name, {})) + Counter(other.triggers.get(name, {})))
+                        for name in {*self.triggers, *other.triggers}},
+                       self.seconds + other.seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The raw figures as plain JSON values (counts as ``[tp, fp, fn]``); :meth:`from_dict` reads them back."""
+        return {"counts": {name: [c.tp, c.fp, c.fn] for name, c in self.counts.items()},
+                "latencies": self.latencies, "triggers": self.triggers, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Quality:
+        """The figures :meth:`to_dict` wrote."""
+        return cls({name: EventCounts(*c) for name, c in data["counts"].items()}, data["latencies"],
+                   data["triggers"], data["seconds"])
+
+    def figures(self) -> dict[str, Any]:
+        """Precision, recall, F1, latencies, false triggers (per hour and by sound) as plain numbers."""
+        overall = sum(self.counts.values(), EventCounts(0, 0, 0))
+        every = [ms for values in self.latencies.values() for ms in values]
+        by_sound = {name: sum(kinds.values()) for name, kinds in sorted(self.triggers.items())}
+        total = sum(by_sound.values())
+        return {
+            "per_sound": {name: counts.to_dict() for name, counts in self.counts.items()},
+            "precision": overall.precision,
+            "recall": overall.recall,
+            "f1": overall.f1,
+            "median_latency_ms": float(np.median(every)) if every else float("nan"),
+            "median_latency_ms_by_sound": {name: float(np.median(v)) if v else float("nan")
+                                           for name, v in self.latencies.items()},
+            "false_triggers": total,
+            "false_triggers_by_sound": by_sound,
+            "false_triggers_by_aggressor": {name: dict(sorted(kinds.items(), key=lambda item: -item[1]))
+                                            for name, kinds in sorted(self.triggers.items())},
+            "aggressor_hours": self.seconds / 3600.0,
+            "false_triggers_per_hour": false_triggers_per_hour(total, self.seconds),
+        }
+
+
+def evaluate_bundles(sources: Mapping[int, Path], test_wave: np.ndarray, reference: list[tuple[str, float, float]],
+                     aggressor_chunks: Iterable[Stream]) -> dict[int, tuple[Quality, SavedProbabilities]]:
+    """For each bundle: event counts and latencies on the test stream, false triggers on the aggressor-only audio
+    (with the aggressor kind under each), and the probabilities they came from (offline = streaming). The
+    aggressor audio is made once for all the bundles, one chunk at a time."""
+    bundles = {key: load_bundle(source) for key, source in sources.items()}
+    frontends = {key: bundle.frontend() for key, bundle in bundles.items()}
+
+    def outputs(key: int, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        frames = frontends[key].frames(wave, frontends[key].config.sample_rate)
+        return frame_probabilities(bundles[key].model, frames), frontends[key].levels_db(frames)
+
+    aggressor: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {key: [] for key in bundles}
+    triggers: dict[int, dict[str, dict[str, int]]] = {key: {} for key in bundles}
+    for chunk in aggressor_chunks:
+        for key, bundle in bundles.items():
+            aggressor[key].append(outputs(key, chunk.wave))
+            for label, onset, _ in detect(bundle, *aggressor[key][-1]):
+                kinds = triggers[key].setdefault(label, {})
+                kind = aggressor_under(onset, chunk.aggressors)
+                kinds[kind] = kinds.get(kind, 0) + 1
+    results = {}
+    for key, bundle in bundles.items():
+        test, test_levels = outputs(key, test_wave)
+        detected = detect(bundle, test, test_levels)
+        counts = event_counts(reference, detected, COLLAR_S, list(SOUNDS))
+        saved = SavedProbabilities(bundle.labels, bundle.detector, bundle.frontend_config.frame_s, test,
+                                   [(label, onset) for label, onset, _ in reference],
+                                   [probs for probs, _ in aggressor[key]], test_levels,
+                                   [levels for _, levels in aggressor[key]])
+        results[key] = (Quality({name: counts[name] for name in SOUNDS}, _latencies(reference, detected),
+                                triggers[key], saved.aggressor_seconds), saved)
+    return results
+
+
+def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, user_seed: int,
+               settings: PersonalizeConfig, progress: bool, examples: Sequence[int]
+               ) -> tuple[dict[int, Quality], dict[int, dict[str, Any]], dict[str, Any]]:
+    """One synthetic user: enroll (one profile per count in ``examples``), personalize each profile, evaluate;
+    returns (count -> quality, count -> facts of the fine-tuning, the test stream's size)."""
+    profiles = enroll_user(workdir, sizes, seed, user_seed, examples)
+    voice = make_voice([seed, user_seed])
+    test = make_test_stream(voice, sizes["events_per_sound"], [seed, user_seed, 3])
+    n_chunks = max(1, int(round(sizes["aggressor_s"] / AGGRESSOR_CHUNK_S)))
+    chunk_s = sizes["aggressor_s"] / n_chunks
+    facts = {}
+    for count, profile in profiles.items():
+        report = personalize(profile, bundle, Config(seed=seed), progress=progress, settings=settings)
+        facts[count] = {
+            "fine_tune_seconds": report["train_seconds"],
+            "personalize_seconds": report["seconds"],
+            "held_out_f1": report["f1"],
+            "untuned_held_out_f1": report["untuned_f1"],
+            "thresholds": {name: [row["on_threshold"], row["off_threshold"]]
+                           for name, row in report["sounds"].items()},
+        }
+    chunks = (make_aggressor_stream(voice, chunk_s, [seed, user_seed, 4, i])
+              for i in tqdm(range(n_chunks), disable=not progress, desc=f"user {user_seed}: aggressor audio",
+                            leave=False))
+    evaluated = evaluate_bundles(profiles, test.wave, test.events, chunks)
+    for count, (_, saved) in evaluated.items():
+        save_probabilities(workdir / f"probabilities-{count}.npz", saved)
+    quality = {count: q for count, (q, _) in evaluated.items()}
+    stream = {"seconds": test.seconds, "events": len(test.events), "aggressor_clips": len(test.aggressors)}
+    return quality, facts, stream
+
+
+def code_sha256() -> str:
+    """SHA-256 over the project's Python sources (``clients``, ``fl``, ``data_prep``, this benchmark): figures
+    that other code measured are never resumed."""
+    root = Path(__file__).resolve().parents[2]
+    digest = hashlib.sha256()
+    folders = ("clients", "fl", "data_prep", "benchmarks/personalize")
+    for path in sorted(p for folder in folders for p in (root / folder).rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def user_key(code: str, global_sha256: str, sizes: Mapping[str, Any], seed: int, user_seed: int,
+             settings: PersonalizeConfig, examples: Sequence[int]) -> dict[str, Any]:
+    """Everything a user's figures depend on (``code``: :func:`code_sha256`), as plain JSON values: a saved result
+    is resumed only when its key is the same."""
+    key = {"code_sha256": code, "global_model_sha256": global_sha256, "sizes": dict(sizes), "seed": seed,
+           "user": user_seed, "examples": list(examples), "settings": to_dict(settings)}
+    return json.loads(json.dumps(key))  # tuples as lists, as they come back from the file
+
+
+def saved_user(folder: Path, key: Mapping[str, Any]
+               ) -> tuple[dict[int, Quality], dict[int, dict[str, Any]], dict[str, Any]] | None:
+    """What :func:`bench_user` returned for ``folder``'s user in an earlier run with the same ``key`` (its
+    ``USER_RESULT`` and the probabilities of each count in ``key["examples"]`` are there), else None."""
+    path = folder / USER_RESULT
+    if not path.is_file() or not all((folder / f"probabilities-{n}.npz").is_file() for n in key["examples"]):
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None  # written atomically, so only an edit by hand gets here: measure again
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        return None
+    return ({int(n): Quality.from_dict(q) for n, q in saved["quality"].items()},
+            {int(n): facts for n, facts in saved["facts"].items()}, saved["stream"])
+
+
+def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | None = None, progress: bool = True,
+                          seed: int = 0, settings: PersonalizeConfig | None = None,
+                          user_seeds: Sequence[int] | None = None, aggressor_hours: float | None = None,
+                          examples: Sequence[int] | None = None) -> dict[str, Any]:
+    """Run the benchmark (module docstring); print a table and write JSON (``out_json`` or
+    ``WORKDIR/personalize.json``). ``user_seeds``: other synthetic users than ``USER_SEEDS`` (a check of
+    settings on users they were not chosen on); ``quick`` takes the first only. ``aggressor_hours``: hours of
+    aggressor-only audio per user (default ``AGGRESSOR_HOURS``, or two minutes with ``quick``); the first
+    hour is the same audio whatever the length. ``examples``: enrollment examples per sound, one profile per
+    count (default ``EXAMPLES``); the operating points are those of the largest."""
+    sizes = _sizes(quick)
+    if aggressor_hours is not None:
+        if not 0 < aggressor_hours <= 1000:
+            raise ConfigError(f"aggressor-hours: must be in (0, 1000], got {aggressor_hours}")
+        sizes["aggressor_s"] = 3600.0 * aggressor_hours
+    user_seeds = list(USER_SEEDS if user_seeds is None else user_seeds)[: sizes["users"]]
+    if not user_seeds or len(set(user_seeds)) != len(user_seeds):
+        raise ConfigError(f"users: need one or more distinct user seeds, got {user_seeds}")
+    settings = settings or load_personalize_config()
+    examples = list(EXAMPLES if examples is None else examples)
+    if not examples or len(set(examples)) != len(examples) or min(examples) < settings.min_examples:
+        raise ConfigError(f"examples: need one or more distinct counts of at least min-examples "
+                          f"({settings.min_examples}), got {examples}")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if sizes["steps"] is not None:
+        settings = replace(settings, steps=min(settings.steps, sizes["steps"]),
+                           head_warmup_steps=min(settings.head_warmup_steps, sizes["steps"] // 5))
+    started = time.perf_counter()
+    bundle, global_sha256, origin = global_bundle(workdir, quick, seed, progress)
+    setup_s = time.perf_counter() - started
+
+    pooled: dict[int, Quality] = {}
+    users: dict[str, Any] = {}
+    code = code_sha256()
+    for user_seed in user_seeds:
+        folder = workdir / f"user-{user_seed}"
+        key = user_key(code, global_sha256, sizes, seed, user_seed, settings, examples)
+        resumed = saved_user(folder, key)
+        if resumed is None:
+            (folder / USER_RESULT).unlink(missing_ok=True)  # its probabilities are about to be overwritten
+            quality, facts, stream = bench_user(folder, bundle, sizes, seed, user_seed, settings, progress, examples)
+            write_json(folder / USER_RESULT, {"key": key, "quality": {n: q.to_dict() for n, q in quality.items()},
+                                              "facts": facts, "stream": stream})
+        else:
+            quality, facts, stream = resumed
+            if progress:
+                print(f"user {user_seed}: figures of an earlier run with the same code and settings "
+                      f"({folder / USER_RESULT})")
+        users[str(user_seed)] = {"test_stream": stream}
+        for count, q in quality.items():
+            pooled[count] = pooled[count] + q if count in pooled else q
+            users[str(user_seed)][f"{count}_examples"] = {"examples_per_sound": count, **facts[count],
+                                                          **q.figures()}
+    results = {}
+    for count, q in pooled.items():
+        runs = [user[f"{count}_examples"] for user in users.values()]
+        results[f"{count}_examples"] = {"examples_per_sound": count,
+                                        "fine_tune_seconds": float(np.mean([r["fine_tune_seconds"] for r in runs])),
+                                        **q.figures()}
+    report = {
+        "machine": machine_info(),
+        "threads": torch.get_num_threads(),
+        "quick": quick,
+        "global_model": origin,
+        "global_model_sha256": global_sha256,
+        "global_model_setup_s": setup_s,
+        "settings": to_dict(settings),
+        "users": users,
+        "results": results,
+        "targets": TARGETS,
+    }
+    out_json = Path(out_json) if out_json is not None else workdir / "personalize.json"
+    count = max(examples)
+    runs = [load_probabilities(workdir / f"user-{user_seed}" / f"probabilities-{count}.npz")
+            for user_seed in user_seeds]
+    report["tradeoff"] = {"examples_per_sound": count, "sounds": tradeoff(runs)}
+    plot = plot_tradeoff(report["tradeoff"]["sounds"], out_json.with_name(out_json.stem + "-tradeoff.png"),
+                         f"fedsound bench personalize: {len(runs)} users, {count} examples per sound, "
+                         f"{sum(r.aggressor_seconds for r in runs) / 3600:.1f} h of aggressors",
+                         target=(TARGETS["false_triggers_per_hour"], TARGETS["recall"]))
+    print(format_table(report))
+    print(format_tradeoff(report["tradeoff"]["sounds"]))
+    print(f"figure: {plot}")
+    write_json(out_json, report)
+    return report
+
+
+def _mark(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The benchmark's figures as text: pooled over the users, then each user's."""
+    streams = [user["test_stream"] for user in report["users"].values()]
+    lines = [f"global model: {report['global_model']}",
+             f"{len(streams)} synthetic user(s); test streams {sum(s['seconds'] for s in streams) / 60:.1f} min in "
+             f"all, {sum(s['events'] for s in streams)} mouth sounds, {sum(s['aggressor_clips'] for s in streams)} "
+             f"aggressor clips; adapt {report['settings']['adapt']}, {report['settings']['steps']} steps",
+             f"{'examples':>8} {'precision':>9} {'recall':>6} {'FT/hour':>8} {'(FT in h)':>11} {'latency':>8} "
+             f"{'fine-tune':>9}"]
+    for row in report["results"].values():
+        lines.append(f"{row['examples_per_sound']:>8} {row['precision']:>9.3f} {row['recall']:>6.3f} "
+                     f"{row['false_triggers_per_hour']:>8.2f} {row['false_triggers']:>4} in "
+                     f"{row['aggressor_hours']:.2f} {row['median_latency_ms']:>6.0f}ms "
+                     f"{row['fine_tune_seconds']:>8.1f}s")
+        latency = row["median_latency_ms_by_sound"]
+        per_sound = ", ".join(f"{name} {v['precision']:.2f}/{v['recall']:.2f}/{latency[name]:.0f}"
+                              for name, v in row["per_sound"].items())
+        lines.append(f"{'':>8} per sound (precision/recall/latency ms): {per_sound}")
+        key = f"{row['examples_per_sound']}_examples"
+        by_user = ", ".join(f"{seed} {user[key]['precision']:.2f}/{user[key]['recall']:.2f}/"
+                            f"{user[key]['false_triggers']}" for seed, user in report["users"].items())
+        lines.append(f"{'':>8} per user (precision/recall/false triggers): {by_user}")
+        if row["false_triggers"]:
+            under = "; ".join(f"{name} " + ", ".join(f"{kind} {n}" for kind, n in kinds.items())
+                              for name, kinds in row["false_triggers_by_aggressor"].items())
+            lines.append(f"{'':>8} false triggers by the aggressor under them: {under}")
+    ten = report["results"].get("10_examples")
+    if ten is not None:
+        lines.append(f"targets (10 examples): precision >= {TARGETS['precision']} "
+                     f"{_mark(ten['precision'] >= TARGETS['precision'])}, recall >= {TARGETS['recall']} "
+                     f"{_mark(ten['recall'] >= TARGETS['recall'])}, false triggers <= "
+                     f"{TARGETS['false_triggers_per_hour']}/h "
+                     f"{_mark(ten['false_triggers_per_hour'] <= TARGETS['false_triggers_per_hour'])}")
+    return "\n".join(lines)

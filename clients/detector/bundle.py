@@ -1,0 +1,316 @@
+"""Detector bundles: a directory with everything the on-device detector needs, and nothing pickled.
+
+Layout (format ``fedsound-bundle``, version ``VERSION``)::
+
+    bundle.json              manifest (below)
+    weights.pt               torch.save of {name: tensor} only, read with torch.load(weights_only=True)
+    background.npy           float16 [n, patch_frames, n_mels] log-mel patches from the training store
+    background-labels.npy    uint8 [n, n_classes] their multi-hot labels   (both only when a store was given)
+
+``bundle.json`` holds the format tag and version, the model architecture (kebab-case ModelConfig, n_mels,
+n_classes), the frontend configuration, the label names and AudioSet mids, the post-processing settings
+(``[detector]`` table: thresholds, per-class thresholds, minimum duration, refractory time), the receptive
+field, the algorithmic latency, a description of the background patches, the SHA-256 of every other file
+(``files``) and ``manifest_sha256``, the SHA-256 of the manifest itself (canonical JSON without that key).
+:func:`load_bundle` checks the format, the version and every checksum before it reads anything else.
+
+The background patches are a seeded random sample of training patches (at most ``MAX_BACKGROUND_BYTES``),
+optionally leaving out clips that carry given labels; on-device fine-tuning uses them as negatives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clients.detector.postprocess import class_confirm_frames, class_thresholds
+from fl.config import (
+    Config,
+    DetectorConfig,
+    FrontendConfig,
+    apply,
+    frontend_from_dict,
+    model_from_dict,
+    to_dict,
+)
+from fl.errors import ConfigError, DataError
+from fl.frontend import Frontend
+from fl.model_io import load_model
+from fl.models import TCN, build_model
+
+FORMAT = "fedsound-bundle"
+VERSION = 1
+MANIFEST = "bundle.json"
+WEIGHTS = "weights.pt"
+BACKGROUND = "background.npy"
+BACKGROUND_LABELS = "background-labels.npy"
+DEFAULT_BACKGROUND_PATCHES = 128
+MAX_BACKGROUND_BYTES = 4 * 1024 * 1024
+
+
+class BundleError(DataError):
+    """A detector bundle is missing, tampered with, of another format version, or cannot be exported."""
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified detector bundle."""
+
+    path: Path
+    model: TCN
+    frontend_config: FrontendConfig
+    labels: list[str]
+    mids: list[str]
+    detector: DetectorConfig
+    manifest: dict[str, Any]
+
+    @property
+    def receptive_field(self) -> int:
+        """Frames of input one output frame depends on."""
+        return self.model.receptive_field
+
+    def frontend(self) -> Frontend:
+        """A :class:`Frontend` for this bundle's configuration."""
+        return Frontend(self.frontend_config)
+
+    def background(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Background patches ``[n, T, n_mels]`` (float32) and their labels ``[n, n_classes]``, if carried."""
+        if self.manifest.get("background") is None:
+            return None
+        patches = _load_npy(self.path / BACKGROUND)
+        labels = _load_npy(self.path / BACKGROUND_LABELS)
+        return patches.astype(np.float32), labels
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: unreadable array ({exc})") from None
+
+
+def resolve_bundle(source: Path) -> Path:
+    """The bundle directory for ``source``: a bundle itself, or a profile holding ``personal/bundle.json``."""
+    source = Path(source)
+    for candidate in (source, source / "personal"):
+        if (candidate / MANIFEST).is_file():
+            return candidate
+    raise BundleError(f"{source}: no detector bundle here (expected {MANIFEST} or personal/{MANIFEST})")
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move the finished ``tmp`` directory to ``target``; an older bundle there is replaced at the end."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old)
+
+
+def write_bundle(
+    path: Path,
+    model: TCN,
+    frontend: FrontendConfig,
+    labels: Sequence[str],
+    mids: Sequence[str],
+    detector: DetectorConfig,
+    background: tuple[np.ndarray, np.ndarray] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write a bundle directory atomically (built beside ``path``, then renamed over it); returns ``path``.
+
+    ``background`` is (patches ``[n, T, n_mels]``, multi-hot labels ``[n, n_classes]``), stored as float16
+    and uint8. ``provenance`` (plain JSON data: where the weights and patches came from) is recorded as is.
+    An existing bundle at ``path`` is replaced; any other existing file or non-empty directory is refused.
+    """
+    path = Path(path)
+    if not isinstance(model, TCN):
+        raise BundleError(f"{path}: only TCN models can be exported (they have a streaming step)")
+    if len(labels) != model.n_classes or len(mids) != model.n_classes:
+        raise BundleError(f"{path}: {len(labels)} labels and {len(mids)} mids for {model.n_classes} classes")
+    if frontend.n_mels != model.n_mels:
+        raise BundleError(f"{path}: frontend has {frontend.n_mels} mel bands, the model {model.n_mels}")
+    if path.exists() and not (path / MANIFEST).is_file() and (path.is_file() or any(path.iterdir())):
+        raise BundleError(f"{path}: exists and is not a detector bundle; refusing to overwrite it")
+    class_thresholds(labels, detector)  # per-class settings must name known labels
+    frame_s = frontend.frame_s
+    confirm_frames = int(class_confirm_frames(labels, detector, frame_s).max())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+        torch.save(state, tmp / WEIGHTS)
+        background_info = None
+        if background is not None:
+            patches, patch_labels = background
+            np.save(tmp / BACKGROUND, np.asarray(patches, dtype=np.float16), allow_pickle=False)
+            np.save(tmp / BACKGROUND_LABELS, np.asarray(patch_labels, dtype=np.uint8), allow_pickle=False)
+            background_info = {"patches": int(len(patches)), "patch_frames": int(patches.shape[1]),
+                               "dtype": "float16"}
+        frame_ms = 1000.0 * frame_s
+        frontend_delay_ms = 1000.0 * frontend.delay_s
+        postprocess_ms = (confirm_frames - 1) * frame_ms  # the slowest class
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": {"config": to_dict(model.config), "n_mels": int(model.n_mels),
+                      "n_classes": int(model.n_classes)},
+            "frontend": to_dict(frontend),
+            "labels": list(labels),
+            "mids": list(mids),
+            "detector": to_dict(detector),
+            "receptive_field": {"frames": model.receptive_field, "ms": model.receptive_field * frame_ms},
+            "latency_ms": {"frontend_delay": frontend_delay_ms, "postprocess": postprocess_ms,
+                           "algorithmic": frontend_delay_ms + postprocess_ms},
+            "background": background_info,
+            "provenance": provenance or {},
+            "files": {name: _sha256(tmp / name) for name in files},
+        }
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _sample_background(store_path: Path, frontend: FrontendConfig, labels: Sequence[str], count: int,
+                       exclude_labels: Sequence[str], seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A seeded random sample of train patches whose clips carry none of ``exclude_labels``."""
+    from fl.store import FeatureStore
+
+    store = FeatureStore(store_path)
+    if store.frontend != frontend:
+        raise BundleError(f"{store_path}: the store's frontend differs from the model's; "
+                          "export with the store the model was trained on")
+    if list(store.labels) != list(labels):
+        raise BundleError(f"{store_path}: the store's vocabulary differs from the model's labels")
+    unknown = sorted(set(exclude_labels) - set(labels))
+    if unknown:
+        raise BundleError(f"{store_path}: labels to exclude are not in the vocabulary: {unknown}")
+    table = store.table("train")
+    excluded = [list(labels).index(label) for label in exclude_labels]
+    keep = np.flatnonzero(~table.labels[:, excluded].any(axis=1))
+    rows = store.patch_index("train", keep)
+    bytes_per_patch = frontend.patch_frames * frontend.n_mels * 2
+    count = min(count, len(rows), MAX_BACKGROUND_BYTES // bytes_per_patch)
+    rng = np.random.default_rng(seed)
+    chosen = rows[np.sort(rng.choice(len(rows), size=count, replace=False))]
+    patches = store.read_patches("train", chosen)
+    info = {"store": str(store_path), "split": "train", "seed": seed, "excluded_labels": list(exclude_labels)}
+    return patches, table.labels[chosen[:, 0]], info
+
+
+def export_bundle(
+    model_path: Path,
+    bundle: Path,
+    config: Config,
+    store: Path | None = None,
+    background_patches: int = DEFAULT_BACKGROUND_PATCHES,
+    exclude_labels: Sequence[str] = (),
+) -> Path:
+    """Model file -> detector bundle at ``bundle`` (see the module docstring); returns the bundle path.
+
+    Frontend and labels come from the model file's ``extra``; ``config.detector`` gives the post-processing
+    settings. With ``store``, up to ``background_patches`` train patches (``config.seed``) are carried.
+    """
+    model_path = Path(model_path)
+    model, extra = load_model(model_path)
+    if not isinstance(model, TCN):
+        raise BundleError(f"{model_path}: a {model.config.name!r} model has no streaming step; "
+                          "only TCN models can be exported to a detector bundle")
+    missing = [key for key in ("labels", "mids", "frontend") if key not in extra]
+    if missing:
+        raise BundleError(f"{model_path}: model file lacks {', '.join(missing)} (needed for a bundle)")
+    frontend = frontend_from_dict(extra["frontend"], str(model_path))
+    labels, mids = list(extra["labels"]), list(extra["mids"])
+    background = None
+    provenance: dict[str, Any] = {"model_file": str(model_path)}
+    if store is not None:
+        patches, patch_labels, info = _sample_background(Path(store), frontend, labels, background_patches,
+                                                         exclude_labels, config.seed)
+        background = (patches, patch_labels)
+        provenance["background"] = info
+    return write_bundle(bundle, model, frontend, labels, mids, config.detector, background, provenance)
+
+
+def load_bundle(source: Path) -> Bundle:
+    """Load and verify a bundle (``source`` as for :func:`resolve_bundle`); every problem is a BundleError."""
+    path = resolve_bundle(source)
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path}: not valid JSON ({exc}); the bundle is damaged") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{manifest_path}: not a fedsound detector bundle (no '{FORMAT}' format tag)")
+    if manifest.get("version") != VERSION:
+        raise BundleError(f"{path}: detector bundle format version {manifest.get('version')!r} is not "
+                          f"supported (this build reads version {VERSION}); export the bundle again")
+    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        raise BundleError(f"{manifest_path}: checksum mismatch: the manifest was modified")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or WEIGHTS not in files:
+        raise BundleError(f"{manifest_path}: no checksum list for the bundle's files")
+    for name, digest in files.items():
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"{file}: missing from the bundle")
+        if _sha256(file) != digest:
+            raise BundleError(f"{file}: checksum mismatch: the bundle was modified or damaged")
+    try:
+        frontend = frontend_from_dict(manifest["frontend"], str(manifest_path))
+        detector = apply(Config(), {"detector": manifest["detector"]}, str(manifest_path)).detector
+        model_info = manifest["model"]
+        model = build_model(model_from_dict(model_info["config"], str(manifest_path)),
+                            model_info["n_mels"], model_info["n_classes"])
+        labels, mids = list(manifest["labels"]), list(manifest["mids"])
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise BundleError(str(exc)) from None
+        raise BundleError(f"{manifest_path}: malformed manifest ({type(exc).__name__}: {exc})") from None
+    if not isinstance(model, TCN):
+        raise BundleError(f"{manifest_path}: the bundle's model is not a TCN")
+    try:
+        state = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, TypeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"{path / WEIGHTS}: weights unreadable or not matching the manifest ({first_line})"
+                          ) from None
+    if len(labels) != model.n_classes:
+        raise BundleError(f"{manifest_path}: {len(labels)} labels for {model.n_classes} classes")
+    return Bundle(path=path, model=model.eval(), frontend_config=frontend, labels=labels, mids=mids,
+                  detector=detector, manifest=manifest)

@@ -1,0 +1,373 @@
+"""The ``fedsound`` command line: a thin layer over importable functions.
+
+Every command takes ``--workdir DIR`` and ``-v/-q``; ``--seed`` and ``--config FILE`` only where they change
+what the command does, so a flag that would be ignored is an error instead.
+Heavy modules are imported inside the handlers so that ``fedsound --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from fl.config import CONFIG_DIR, Config, load_config
+from fl.errors import FedsoundError
+
+
+def _config(args: argparse.Namespace, overrides: dict | None = None) -> Config:
+    """Defaults <- --features file <- --config file <- flags (dotted keys)."""
+    flat = {"seed": args.seed, **(overrides or {})}
+    return load_config(getattr(args, "features", None), args.config, overrides=flat)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return args.verbosity >= 0
+
+
+def _distinct_integers(text: str) -> list[int]:
+    """``--users 11,12``, ``--examples 10,5``: distinct non-negative integers."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+# --- data -------------------------------------------------------------------------------------------------
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from data_prep.synth import synthesize_corpus
+
+    summary = synthesize_corpus(Path(args.out), n_clips=args.clips, n_uploaders=args.uploaders,
+                                n_classes=args.classes, seed=args.seed or 0, progress=_progress(args))
+    print(f"synthetic FSD50K-format corpus: {summary.out}  dev {summary.n_dev} clips "
+          f"({summary.n_uploaders_dev} uploaders), eval {summary.n_eval} clips "
+          f"({summary.n_uploaders_eval} uploaders), {len(summary.classes)} classes, "
+          f"{summary.audio_seconds / 60:.1f} min of audio")
+    return 0
+
+
+def cmd_data_mouth_sounds(args: argparse.Namespace) -> int:
+    from data_prep.mouth_corpus import synthesize_mouth_corpus
+
+    given = {"n_voices": args.voices, "takes_per_sound": args.takes, "background_clips": args.background}
+    out = synthesize_mouth_corpus(Path(args.out), seed=args.seed or 0, progress=_progress(args),
+                                  **{name: value for name, value in given.items() if value is not None})
+    print(f"synthetic mouth-sound corpus (FSD50K layout, one uploader per voice): {out}")
+    return 0
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from data_prep.download import ZENODO_BASE_URL, download_fsd50k
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    paths = download_fsd50k(Path(args.out), parts=parts, base_url=args.base_url or ZENODO_BASE_URL,
+                            progress=_progress(args))
+    print(f"downloaded and extracted {len(paths)} file(s) into {args.out}")
+    return 0
+
+
+def cmd_data_prep(args: argparse.Namespace) -> int:
+    from data_prep.prep import prep
+
+    config = _config(args)
+    summary = prep(Path(args.fsd50k_dir), Path(args.store), config.frontend, workers=args.workers,
+                   progress=_progress(args))
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def cmd_data_partition(args: argparse.Namespace) -> int:
+    from fl.partition import build_partition, format_summary
+
+    config = _config(args, {"partition.by": args.by, "partition.min-clips": args.min_clips,
+                            "partition.clients": args.clients, "partition.alpha": args.alpha})
+    plan, summary, plot = build_partition(Path(args.store), config, Path(args.out) if args.out else None)
+    print(format_summary(summary))
+    print(f"plan: {plan}  plot: {plot}")
+    return 0
+
+
+# --- training and evaluation --------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fl.train import train_central
+
+    config = _config(args, {"model.name": args.model, "train.epochs": args.epochs, "train.lr": args.lr,
+                            "train.batch-size": args.batch_size, "train.device": args.device})
+    out = Path(args.out) if args.out else Path(args.workdir) / "runs" / "central"
+    result = train_central(Path(args.store), config, out, resume=args.resume, progress=_progress(args))
+    print(f"central run: {out}  best val mAP {result['best_mAP']:.4f} at epoch {result['best_epoch']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fl.train import evaluate_model_file
+
+    metrics = evaluate_model_file(Path(args.model), Path(args.store), args.split, progress=_progress(args))
+    print(f"{args.split}: mAP {metrics['mAP']:.4f}  d' {metrics['dprime']:.3f}  lwlrap {metrics['lwlrap']:.4f}  "
+          f"micro PR-AUC {metrics['micro_pr_auc']:.4f}  ({metrics['n_clips']} clips)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+# --- federated ------------------------------------------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedsound.simulate import simulate
+
+    config = _config(args, {"federated.rounds": args.rounds, "federated.fraction": args.fraction,
+                            "federated.local-epochs": args.local_epochs, "federated.strategy": args.strategy,
+                            "federated.ray-address": args.ray_address})
+    out = Path(args.resume or args.out or Path(args.workdir) / "runs" / "federated")
+    result = simulate(Path(args.store), config, out, resume=bool(args.resume), progress=_progress(args),
+                      central=Path(args.central) if args.central else None)
+    print(f"federated run: {out}  final val mAP {result['mAP']:.4f} after {result['rounds']} rounds")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedsound.sweep import run_sweep
+
+    config = _config(args, {"federated.ray-address": args.ray_address,
+                            "sweep.max-concurrent": args.max_concurrent})
+    out = Path(args.out) if args.out else Path(args.workdir) / "sweeps" / "sweep"
+    best = run_sweep(Path(args.store), config, out, resume=args.resume, progress=_progress(args))
+    print(f"sweep: {out}  best trial {best['trial']} {best['params']}: "
+          f"final val mAP {best['metrics']['final_mAP']:.4f}")
+    return 0
+
+
+# --- on-device --------------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from clients.detector.bundle import DEFAULT_BACKGROUND_PATCHES, export_bundle
+
+    config = _config(args)
+    patches = DEFAULT_BACKGROUND_PATCHES if args.background_patches is None else args.background_patches
+    path = export_bundle(Path(args.model), Path(args.bundle), config, store=Path(args.store) if args.store else None,
+                         background_patches=patches, exclude_labels=args.exclude_labels)
+    print(f"detector bundle: {path}")
+    return 0
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from clients.detector.listen import listen
+
+    config = _config(args)
+    return listen(Path(args.source), config, input_=args.input, realtime=args.realtime, as_json=args.json,
+                  exec_map=args.exec or [])
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from clients.detector.enroll import enroll
+
+    summary = enroll(Path(args.profile), sound=args.sound, record=args.record,
+                     from_files=[Path(f) for f in args.from_files] if args.from_files else None,
+                     background=args.background, progress=_progress(args))
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_personalize(args: argparse.Namespace) -> int:
+    from clients.detector.personalize import format_report, personalize
+
+    config = _config(args)
+    report = personalize(Path(args.profile), Path(args.bundle) if args.bundle else None, config,
+                         progress=_progress(args))
+    print(format_report(report))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fedsound.bench import run_bench
+
+    return run_bench(args.what, Path(args.workdir), quick=args.quick, out=Path(args.out) if args.out else None,
+                     config=args.config, progress=_progress(args), users=args.users,
+                     aggressor_hours=args.aggressor_hours, examples=args.examples, benchmarks=args.benchmarks)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedsound.demo import run_demo
+
+    return run_demo(Path(args.workdir), seed=args.seed or 0, sweep=args.sweep, progress=_progress(args))
+
+
+# --- parser -------------------------------------------------------------------------------------------------
+
+
+def _common_options(seed: bool, config: bool) -> argparse.ArgumentParser:
+    """The shared options of one command (``--seed``/``--config`` only if it uses them). Each command gets its
+    own copy: argparse shares a parent's option objects with every child, so one command's
+    ``set_defaults(config=...)`` would become every command's."""
+    common = argparse.ArgumentParser(add_help=False)
+    if seed:
+        common.add_argument("--seed", type=int, default=None,
+                            help="one seed for synthesis, partitions, sampling, training")
+    if config:
+        common.add_argument("--config", type=Path, default=None,
+                            help="TOML file under configs/ (sections as in Config)")
+    common.add_argument("--workdir", default="work", help="where runs, Ray and Flower files go (default: work)")
+    common.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=0)
+    common.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
+                        help="no progress bars, warnings only")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used by the tests and the README)."""
+    parser = argparse.ArgumentParser(
+        prog="fedsound", description="Federated sound event detection on FSD50K with Flower and Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable, help_: str, parent=sub, seed: bool = True,
+            config: bool = True) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, parents=[_common_options(seed, config)], help=help_, description=help_)
+        p.set_defaults(handler=handler, seed=None, config=None)
+        return p
+
+    p = add("demo", cmd_demo, "the whole path on the built-in synthetic corpus, end to end", config=False)
+    p.add_argument("--sweep", action="store_true", help="also run a tiny Ray Tune grid")
+
+    data = sub.add_parser("data", help="data commands: synth, download, prep, partition")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = add("synth", cmd_data_synth, "write a small FSD50K-format corpus", dsub, config=False)
+    p.add_argument("out")
+    p.add_argument("--clips", type=int, default=600)
+    p.add_argument("--uploaders", type=int, default=60)
+    p.add_argument("--classes", type=int, default=10)
+    p = add("mouth-sounds", cmd_data_mouth_sounds, "write a many-voice mouth-sound corpus in FSD50K's layout", dsub,
+              config=False)
+    p.add_argument("out")
+    p.add_argument("--voices", type=int, help="voices (uploaders; default: the benchmark global model's corpus); "
+                   "one in ten each to val and eval")
+    p.add_argument("--takes", type=int, help="takes of each mouth sound per voice (default: as --voices)")
+    p.add_argument("--background", type=int, help="4 s background clips per voice (default: as --voices)")
+    p = add("download", cmd_data_download, "fetch FSD50K (resumable, md5-checked), join split zips, extract", dsub,
+              seed=False, config=False)
+    p.add_argument("out")
+    p.add_argument("--parts", default="dev,eval,meta", help="comma-separated: dev, eval, meta")
+    p.add_argument("--base-url", default=None, help="mirror to fetch from (default: Zenodo record 4060432)")
+    p = add("prep", cmd_data_prep, "FSD50K tree -> log-mel feature store + manifests", dsub, seed=False)
+    p.add_argument("fsd50k_dir")
+    p.add_argument("store")
+    p.add_argument("--features", type=Path, default=CONFIG_DIR / "features" / "fsd50k.toml")
+    p.add_argument("--workers", type=int, default=2)
+    p = add("partition", cmd_data_partition, "client partition summary (by uploader, iid, dirichlet)", dsub)
+    p.add_argument("store")
+    p.add_argument("--by", choices=["uploader", "iid", "dirichlet"], default=None)
+    p.add_argument("--min-clips", type=int, default=None)
+    p.add_argument("--clients", type=int, default=None)
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--out", default=None, help="plan JSON (default: partition.json beside the store)")
+
+    p = add("train", cmd_train, "centralised baseline on the same store and model")
+    p.add_argument("store")
+    p.add_argument("--model", choices=["tcn", "vgg"], default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+
+    p = add("simulate", cmd_simulate, "Flower simulation on Ray; writes a run directory")
+    p.add_argument("store")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--fraction", type=float, default=None)
+    p.add_argument("--local-epochs", type=int, default=None)
+    p.add_argument("--strategy", default=None)
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--central", default=None, help="central run directory to compare against in the plots")
+    p.add_argument("--out", default=None)
+    p.add_argument("--resume", default=None, metavar="RUN", help="continue a killed run")
+
+    p = add("evaluate", cmd_evaluate, "clip-level metrics on a split", seed=False, config=False)
+    p.add_argument("model")
+    p.add_argument("store")
+    p.add_argument("--split", choices=["val", "eval", "train"], default="val")
+    p.add_argument("--json", default=None)
+
+    p = add("sweep", cmd_sweep, "Ray Tune grid over federated parameters")
+    p.set_defaults(config=CONFIG_DIR / "sweep" / "fsd_fed_grid.toml")
+    p.add_argument("store")
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--max-concurrent", type=int, default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--resume", action="store_true")
+
+    p = add("export", cmd_export, "global model -> detector bundle")
+    p.add_argument("model")
+    p.add_argument("bundle")
+    p.add_argument("--store", default=None, help="feature store to take background patches from")
+    p.add_argument("--background-patches", type=int, default=None,
+                   help="train patches to carry as aggressors for personalization (default 128; at most 4 MB)")
+    p.add_argument("--exclude-labels", nargs="+", default=[], metavar="LABEL",
+                   help="leave out patches of clips with these labels (sounds users may choose as triggers)")
+
+    p = add("enroll", cmd_enroll, "records or imports a user's example sounds (or background material)",
+            seed=False, config=False)
+    p.add_argument("profile")
+    p.add_argument("--sound", default=None, help="name of the sound (e.g. pop, click, hiss)")
+    p.add_argument("--record", type=int, default=None, metavar="N", help="record N takes from the microphone")
+    p.add_argument("--from-files", nargs="+", default=None, metavar="FILE", help="import audio files")
+    p.add_argument("--background", action="store_true", help="room noise / your own speech, not a sound")
+    p = add("personalize", cmd_personalize, "private fine-tuning on the laptop")
+    p.set_defaults(config=CONFIG_DIR / "detector" / "personalize.toml")
+    p.add_argument("profile")
+    p.add_argument("--bundle", default=None, help="global detector bundle (default: the one used last time)")
+
+    p = add("listen", cmd_listen, "streaming detection from microphone or file; events as JSON lines", seed=False)
+    p.add_argument("source", metavar="PROFILE-or-BUNDLE")
+    p.add_argument("--input", default="mic", help="'mic' or an audio file")
+    p.add_argument("--realtime", action="store_true", help="pace a file at real time")
+    p.add_argument("--json", action="store_true", help="events as JSON lines only")
+    p.add_argument("--exec", action="append", metavar="LABEL=COMMAND", help="run COMMAND on each LABEL event")
+
+    p = add("bench", cmd_bench, "the project's own benchmarks", seed=False)
+    p.add_argument("what", choices=["prep", "train", "sim", "sweep", "stream", "personalize"])
+    p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    p.add_argument("--out", default=None, help="JSON file for the figures")
+    p.add_argument("--benchmarks", type=Path, default=None, metavar="DIR",
+                   help="the source checkout's benchmarks/ folder (default: beside the package, or ./benchmarks)")
+    p.add_argument("--users", type=_distinct_integers, default=None, metavar="SEED,SEED,...",
+                   help="bench personalize: the synthetic users to run (default 7,8,9,10, the benchmark's own)")
+    p.add_argument("--aggressor-hours", type=float, default=None, metavar="H",
+                   help="bench personalize: hours of aggressor-only audio per user (default 5: 20 h over four "
+                        "users, enough to tell a rate of 0.3 per hour from 0.6)")
+    p.add_argument("--examples", type=_distinct_integers, default=None, metavar="N,N,...",
+                   help="bench personalize: enrollment examples per sound, one profile each (default 10,5; "
+                        "10 alone halves the time a screen of settings takes)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedsound`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from fl.runtime import configure_environment, configure_logging
+
+    configure_logging(args.verbosity)
+    configure_environment(Path(args.workdir))
+    try:
+        return int(args.handler(args) or 0)
+    except FedsoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

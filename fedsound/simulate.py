@@ -1,0 +1,63 @@
+"""``fedsound simulate``: partition the train split, then run Flower's Simulation Engine on Ray."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from fl.config import Config
+from fl.errors import DataError
+from fl.federation import RUN_ENV, RunSettings
+from fl.partition import PartitionPlan, build_partition
+from fl.rundir import RunDir
+
+log = logging.getLogger("fedsound.simulate")
+
+
+def backend_config(config: Config) -> dict:
+    """Resources per client actor and how Ray starts (local, or joining a cluster by address)."""
+    fed = config.federated
+    init_args: dict = {"include_dashboard": False}
+    if fed.ray_address:
+        init_args = {"address": fed.ray_address}
+    else:
+        init_args["num_cpus"] = os.cpu_count()
+    return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
+            "init_args": init_args}
+
+
+def simulate(store_path: Path, config: Config, out: Path, resume: bool = False, progress: bool = True,
+             central: Path | None = None) -> dict:
+    """Run a federated experiment in Flower's Simulation Engine; returns the last round's record."""
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import app as client_app
+    from server.server_app import app as server_app
+
+    run = RunDir(out)
+    run.start(config, resume)
+    settings = RunSettings(config, Path(store_path).resolve(), Path(out).resolve(), resume,
+                           Path(central).resolve() if central else None)
+    if not resume:
+        build_partition(settings.store, config, settings.plan)
+    plan = PartitionPlan.load(settings.plan)
+    supernodes = config.federated.supernodes or plan.n_clients
+    if supernodes < plan.n_clients:
+        raise DataError(f"federated.supernodes={supernodes} is fewer than the {plan.n_clients} partitions")
+    os.environ[RUN_ENV] = str(settings.save())
+    log.info("simulating %d rounds over %d clients (%s)", config.federated.rounds, plan.n_clients,
+             config.federated.strategy)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=supernodes,
+                           backend_config=backend_config(config), verbose_logging=False)
+    finally:
+        os.environ.pop(RUN_ENV, None)
+    records = run.records()
+    if not records or records[-1]["round"] < config.federated.rounds:
+        raise DataError(f"{out}: the simulation stopped before its last round (see the log above); "
+                        "continue it with --resume")
+    return {**records[-1], "rounds": records[-1]["round"]}
