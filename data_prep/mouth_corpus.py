@@ -29,7 +29,7 @@ BACKGROUND = "background"
 LABELS = (*SOUNDS, BACKGROUND)
 TAKE_SECONDS = 2.0
 BACKGROUND_SECONDS = 4.0
-# The benchmark's global detector is trained on a corpus of this size (about 14 hours of audio, 4.4 GB of WAV).
+# bench personalize trains its global detector on a corpus of this size (about 14 hours of audio, 4.4 GB of WAV).
 VOICES = 960
 TAKES_PER_SOUND = 2
 BACKGROUND_CLIPS = 8

@@ -106,7 +106,7 @@ def load_audio(path: Path) -> tuple[np.ndarray, int, list[str]]:
         notes.append(f"{wave.shape[1]} channels mixed down to mono")
     if rate != EXPECTED_RATE:
         notes.append(f"sample rate {rate} Hz resampled")
-    mono = wave[:, 0] if wave.shape[1] == 1 else wave.mean(axis=1)  # mono: skip a needless pass (8% of prep)
+    mono = wave[:, 0] if wave.shape[1] == 1 else wave.mean(axis=1)  # one channel: a view, no averaging pass
     return mono, rate, notes
 
 
@@ -152,8 +152,8 @@ def _process_chunk(args: tuple[FrontendConfig, list[dict], str]) -> tuple[int, f
 
 
 def _pool_context() -> mp.context.BaseContext:
-    """Forked workers on Linux: a spawned one spends about 2 s importing torch before its first clip, which on
-    two cores is a third of a 1.5 h prep. Each worker sets torch to one thread first (as DataLoader workers
+    """Forked workers on Linux: a forked worker inherits the parent's imported torch, where a spawned one must
+    import it again before its first clip. Each worker sets torch to one thread first (as DataLoader workers
     do), so no thread pool inherited from the parent is used. Elsewhere workers are spawned."""
     return mp.get_context("fork" if sys.platform == "linux" else "spawn")
 

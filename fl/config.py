@@ -271,8 +271,8 @@ class PersonalizeConfig:
     # ... but a brief sound's (one whose hold run-margin-ms cut: a click, not a pop) no higher than this: its quiet
     # held-out takes lose nothing up to the grid's top, while the same click over a loud room stays below it
     brief_sound_max_on: float = 0.75
-    # no sound's on-threshold is picked below this: with 5 examples a sound has 2 held-out takes, and one that
-    # only a threshold near 0 catches would set the sound off on every flicker of speech
+    # no sound's on-threshold is picked below this: with few held-out takes (2 of 5 examples), a very low
+    # threshold that catches one faint take would fire on speech
     min_on_threshold: float = 0.5
     min_duration_ms: float = 250.0  # a sound must hold this long: speech's nasals and fricatives do not
     # a sustained sound must hold this multiple of its short enrolled examples' length (their 20th percentile;

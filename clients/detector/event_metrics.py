@@ -4,8 +4,8 @@ A detected event matches a reference event of the same label when their onsets d
 (100 ms by default; offsets are not evaluated: a trigger is judged by when it fires). Matching is one-to-one
 and maximal (a maximum bipartite matching per label), so two detections near one reference give one true
 positive and one false positive, and one detection between two references matches only one of them. This is
-sed_eval's onset-only event-based evaluation; that package (and sed_scores_eval, which needs it) pulls in
-dcase_util and its audio stack, so this small implementation is used instead.
+sed_eval's onset-only event-based evaluation, implemented here without depending on sed_eval (which, like
+sed_scores_eval, pulls in dcase_util and its audio stack).
 
 Events are sequences whose first two items are ``(label, onset_s)``; further items (offsets) are ignored.
 """

@@ -1,10 +1,12 @@
 """``fedsound personalize``: private fine-tuning of the global detector on a user's enrolled sounds.
 
-Starting point: the TCN of a detector bundle (the global model). Its head is replaced by a new one with one
-output per enrolled sound plus one for background, trained with a per-frame binary cross-entropy at the
-frame rate (100 Hz with the Lea et al. frontend). The exported personal model keeps the sound outputs only
-(the background output is a training target, not an event), so the streaming detector's sigmoid
-probabilities are exactly what was trained.
+Model: the TCN of a detector bundle (the global model) with its head replaced by a new one, one output per
+enrolled sound plus one for background, trained with a per-frame binary cross-entropy at the frame rate (100 Hz
+with the Lea et al. frontend). The exported personal model keeps the sound outputs only (the background output
+is a training target, not an event), so the streaming detector's sigmoid probabilities are exactly what was
+trained. ``adapt`` chooses which weights change: ``head``, ``last-block`` (the last residual block, the output
+norm and the head) or ``all``; ``head-warmup-steps`` first trains the new head alone (LP-FT), so that the body
+moves less from the global model.
 
 Training sequences (Lea et al.): each holds ``sequence-frames`` frames, half from the user's sound takes and
 half from aggressors (the user's background material and, for a ``bundle-share`` of it, the bundle's
@@ -12,22 +14,19 @@ background patches), cut into pieces and concatenated in random order. Sound pie
 the sound; with probability ``mix-probability`` background is added under them (in the power domain). Sound
 pieces get a random gain of +-``gain-db`` and all their frequencies scaled by a random factor (pitch and
 resonances together, across the mel bands; between 1 / 1.1 and 1.1 for ``warp-percent`` 10), so that a few
-takes of a sound stand for the takes a user will make on other days (aggressor pieces are not warped: that
-cost recall for as many false triggers); aggressor pieces get a gain in ``aggressor-gain-db``, mostly louder,
-because a few minutes of enrolled background cannot show every level a room will reach, and a random spectral
-tilt (up to ``aggressor-tilt-db-per-octave`` either way about 1 kHz), because they cannot show every colour of
-noise and voice either (on the benchmark's users it cut the hums set off by other talkers' speech). With probability
-``aggressor-overlay-probability`` a second aggressor piece is mixed over an aggressor piece (-10 to 0 dB under
-it): a few minutes of material then give many more combinations (the user talking over the television, a fan
-under someone else's voice), and the model meets fewer aggressors at test time that it has never seen. Frame
-targets come from the enrollment energy labels with the segment boundaries inflated (``inflate-frames``;
-default: the receptive field less one frame): the label is extended past the offset for as long as the sound
-is still inside the causal receptive field, and the frames before the onset, which a causal model cannot tell
-from silence, are left out of the loss. A true sound's probability then stays high for about the receptive
-field, long enough for the detector to ask for a longer hold (``min-duration-ms``) than aggressors that resemble
-a sound for a moment keep. ``adapt`` chooses which weights change: ``head``, ``last-block``
-(the last residual block, the output norm and the head) or ``all``; ``head-warmup-steps`` first trains the new
-head alone (LP-FT), so that the body moves less from the global model.
+takes of a sound stand for the takes a user will make on other days; aggressor pieces are not warped. Aggressor
+pieces get a gain in ``aggressor-gain-db``, mostly louder, because a few minutes of enrolled background cannot
+show every level a room will reach, and a random spectral tilt (up to ``aggressor-tilt-db-per-octave`` either
+way about 1 kHz), because they cannot show every colour of noise and voice either (another talker's speech
+among them). With probability ``aggressor-overlay-probability`` a second aggressor piece is mixed over an
+aggressor piece (-10 to 0 dB under it): a few minutes of material then give many more combinations (the user
+talking over the television, a fan under someone else's voice), so fewer aggressors met at test time are unlike
+anything seen in training. Frame targets come from the enrollment energy labels with the segment boundaries
+inflated (``inflate-frames``; default: the receptive field less one frame): the label is extended past the
+offset for as long as the sound is still inside the causal receptive field, and the frames before the onset,
+which a causal model cannot tell from silence, are left out of the loss. A true sound's probability then stays
+high for about the receptive field, long enough for the detector to ask for a longer hold (``min-duration-ms``)
+than aggressors that resemble a sound for a moment keep.
 
 Thresholds: a part of each sound's takes (``holdout-fraction``, at least one) and of the background is held
 out. They are laid out as one validation stream (takes between stretches of background), the fine-tuned model
@@ -41,34 +40,34 @@ on): a pop whose takes stay near 1 ends a candidate that dips below on, while a 
 during its hold keeps the ratio. The held-out material is small (three takes of a sound, a minute or
 two of background): it shows whether a threshold loses a take but cannot measure false triggers at a rate of
 one an hour, so of the thresholds that lose nothing the highest is taken (with 3 to 5 held-out takes, one lost
-take costs more than 0.1 of F1). The report gives each sound's held-out precision and recall at that threshold,
-the false triggers per hour on the held-out background, the same F1 for the untuned head, and the time taken.
+take costs more than 0.1 of F1). No sound's on-threshold is picked below ``min-on-threshold`` (0.5): with few
+held-out takes, a very low threshold that catches one faint take would fire on speech. The report gives each
+sound's held-out precision and recall at that threshold, the false triggers per hour on the held-out
+background, the same F1 for the untuned head, and the time taken.
 
-The personal detector's post-processing keeps the global bundle's settings except the per-sound thresholds, the
+Post-processing: the personal detector keeps the global bundle's settings except the per-sound thresholds, the
 per-sound minimum durations, ``onset-at-rise``, ``rise-threshold``, ``refractory-ms`` and ``min-onset-rise-db`` (6
 dB: an event must rise that much in level into it, which a steady fan that the model takes for a pop does not). A
 sound holds ``min-duration-ms`` (250 ms lets the detector wait until a speech plosive or click-like transient has
-gone on into the next phoneme; the inflated labels keep a true click or pop high for about 300 ms); a sustained
-sound must also hold ``min-duration-fraction`` (1.25) times its short enrolled examples (their 20th percentile; it
-stays high for about the receptive field past its end), up to ``max-min-duration-ms``: a hum enrolled at 0.3-0.9 s
-waits 0.5 s, longer than most runs of voiced speech that the model takes for a hum (a nasal, 50-140 ms, into a
-vowel). A short sound's hold (``min-duration-ms``) is then cut to end ``run-margin-ms`` (50) before its held-out
-takes fell below off (their median, at the picked thresholds), but to no less than ``shortest-min-duration-ms``
-(220): a click's probability stays up for about the receptive field, in the median 270 ms from reaching on, and a
-250 ms hold lost the clicks whose probability rose a little late or fell a little early (a sustained sound's hold
-is not cut: with 5 examples, held-out hums that fell back early let speech through). A brief sound, one whose hold
-was cut (a click), then has its thresholds picked again among on-thresholds up to ``brief-sound-max-on`` (0.75):
-its quiet held-out takes lose nothing up to the grid's top (0.98), but the same click over a loud room stays below
-it. Over twenty benchmark users a fixed 0.8 kept clicks' recall at 0.95 for 9 false triggers in 100 hours, against
-0.90 and none at 0.98; pops, whose holds are rarely cut, drew 29 at 0.8. The ceiling is 0.75, a little lower: the
-users whose clicks over loud rooms peak lowest missed the recall target at 0.8 (BENCHMARKS.md). No sound's
-on-threshold is picked below ``min-on-threshold`` (0.5): with 5 examples a sound has 2 held-out takes, and a click
-that only 0.05 caught in one of them once set clicks off 69 times on speech in a benchmark user's 5 hours of
-aggressor audio. With ``onset-at-rise`` an event's onset is where its probability began to rise (above
-``rise-threshold``, 0.2, or the off threshold where that is lower; at most the detector's ``max-rise-ms``, 300 ms,
-before it reached on), so a sound recognised only after a while is still dated from its start (a hiss or hum whose
-probability takes 150 ms to climb from 0.2 to the off threshold would otherwise be dated outside the 100 ms onset
-collar); the trigger comes when the event is confirmed (the detection latency).
+gone on into the next phoneme; the inflated labels keep a true click or pop high for about the receptive field);
+a sustained sound must also hold ``min-duration-fraction`` (1.25) times its short enrolled examples (their 20th
+percentile; it stays high for about the receptive field past its end), up to ``max-min-duration-ms``: a hum
+enrolled at 0.3-0.9 s waits 0.5 s, longer than most runs of voiced speech that the model takes for a hum (a
+nasal, 50-140 ms, into a vowel). A short sound's hold (``min-duration-ms``) is then cut to end ``run-margin-ms``
+(50) before its held-out takes fell below off (their median, at the picked thresholds), but to no less than
+``shortest-min-duration-ms`` (220): a click's probability stays up for about the receptive field from reaching
+on, so a hold close to that length would drop the clicks whose probability rises a little late or falls a
+little early. A sustained sound's hold is not cut: with few held-out takes, one that falls back early would
+shorten it enough to let speech through. A brief sound, one whose hold was cut (a click), then has its
+thresholds picked again among on-thresholds up to ``brief-sound-max-on`` (0.75): its quiet held-out takes lose
+nothing up to the grid's top (0.98), but the same click over a loud room peaks lower, and the ceiling keeps it
+detectable there. Other sounds (pops, whose probability stays up) keep the whole grid, since a lower
+on-threshold would let more aggressors through. With ``onset-at-rise`` an event's onset is where its
+probability began to rise (above ``rise-threshold``, 0.2, or the off threshold where that is lower; at most the
+detector's ``max-rise-ms``, 300 ms, before it reached on), so a sound recognised only after a while is still
+dated from its start (a hiss or hum whose probability takes 150 ms to climb from 0.2 to the off threshold would
+otherwise be dated outside the 100 ms onset collar); the trigger comes when the event is confirmed (the
+detection latency).
 
 The personal bundle is written to ``PROFILE/personal/`` with :func:`clients.detector.bundle.write_bundle` and made
 private (0700 folders, 0600 files). Nothing here opens a network connection.
@@ -101,7 +100,9 @@ from fl.frontend import Frontend, band_centres_hz
 from fl.models import TCN
 
 DEFAULT_SETTINGS = CONFIG_DIR / "detector" / "personalize.toml"
-THRESHOLD_GRID = (*(round(0.05 * k, 2) for k in range(1, 20)), 0.98)  # a grid to 0.99 picked 0.99 and lost recall
+# On-thresholds tried: 0.05 to 0.95 in steps of 0.05, then 0.98 (held-out takes can pass a threshold nearer 1
+# that other takes of the sound miss).
+THRESHOLD_GRID = (*(round(0.05 * k, 2) for k in range(1, 20)), 0.98)
 VALIDATION_GAP_S = (1.0, 2.5)  # background between held-out takes in the validation stream
 ON_SEARCH_S = 0.6  # a held-out take counts towards its sound's off threshold if it reaches on this soon
 

@@ -25,8 +25,8 @@ A stream shorter than ``pad + 1`` samples gives no frame (the offline frontend r
 
 Threads
     The per-hop work is tiny (one FFT, a few small matrix-vector products): run it on one thread
-    (:func:`single_thread`), as ``listen`` and the benchmark do. Extra intra-op threads only add wake-up
-    jitter, and on a busy machine they make streaming many times slower.
+    (:func:`single_thread`), as ``listen`` and ``benchmarks/stream/bench.py`` do. Extra intra-op threads only
+    add wake-up jitter, and on a busy machine they make streaming many times slower.
 """
 
 from __future__ import annotations
