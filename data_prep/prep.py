@@ -24,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import soundfile as sf
 from tqdm import tqdm
 
 from data_prep.fsd50k import read_index
+from fl.audio import AudioFileError, read_audio, to_mono
 from fl.config import FrontendConfig, to_dict
 from fl.errors import DataError
 from fl.frontend import Frontend, n_segments
+from fl.locks import exclusive
 from fl.store import SPLITS, SplitTable, write_store
 
 log = logging.getLogger(__name__)
@@ -66,48 +67,19 @@ class ClipError(Exception):
     """A clip that cannot be turned into features; recorded in the errors table."""
 
 
-def _wav_data_end(path: Path) -> int | None:
-    """File offset where a RIFF/WAVE header says the sample data ends; None if unstated or not RIFF/WAVE."""
-    with open(path, "rb") as fh:
-        head = fh.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return None
-        position = 12
-        while True:
-            fh.seek(position)
-            chunk = fh.read(8)
-            if len(chunk) < 8:
-                return None
-            size = int.from_bytes(chunk[4:], "little")
-            if chunk[:4] == b"data":
-                return None if size in (0, 0xFFFFFFFF) else position + 8 + size  # 0 / ~0: length left open
-            position += 8 + size + (size & 1)
-
-
 def load_audio(path: Path) -> tuple[np.ndarray, int, list[str]]:
-    """Read a WAV as mono float32; returns (wave, sample rate, warnings). Raises ClipError on bad audio."""
-    if not path.exists():
-        raise ClipError("audio file missing")
+    """Read an audio file as mono float32; returns (wave, sample rate, warnings). Raises ClipError on bad audio
+    (:func:`fl.audio.read_audio`'s reasons)."""
     try:
-        wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError) as exc:
-        raise ClipError(f"unreadable audio: {str(exc).splitlines()[0]}") from None
+        wave, rate = read_audio(path)
+    except AudioFileError as exc:
+        raise ClipError(exc.reason) from None
     notes = []
-    if len(wave) == 0:
-        raise ClipError("empty audio")
-    # libsndfile silently shortens a WAV whose header claims more data than the file holds: check the header.
-    data_end, file_size = _wav_data_end(path), path.stat().st_size
-    if data_end is not None and data_end > file_size:
-        missing = data_end - file_size
-        raise ClipError(f"truncated audio: header declares {missing} bytes beyond the end of the file")
-    if not np.isfinite(wave).all():
-        raise ClipError("NaN or inf samples")
     if wave.shape[1] > 1:
         notes.append(f"{wave.shape[1]} channels mixed down to mono")
     if rate != EXPECTED_RATE:
         notes.append(f"sample rate {rate} Hz resampled")
-    mono = wave[:, 0] if wave.shape[1] == 1 else wave.mean(axis=1)  # one channel: a view, no averaging pass
-    return mono, rate, notes
+    return to_mono(wave), rate, notes
 
 
 def _check_length(n_samples: int, rate: int, config: FrontendConfig) -> None:
@@ -177,10 +149,16 @@ def _shard_frames(shards: list[Path]) -> Iterator[np.ndarray]:
 def prep(
     root: Path, store: Path, config: FrontendConfig, workers: int = 0, progress: bool = True
 ) -> PrepSummary:
-    """Turn an FSD50K-format tree into a feature store, manifests and ``errors.csv`` beside ``store``."""
-    started = time.perf_counter()
+    """Turn an FSD50K-format tree into a feature store, manifests and ``errors.csv`` beside ``store``. The store
+    is locked meanwhile (``STORE.lock``): a second prep into it is refused."""
     root, store = Path(root), Path(store)
     store.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(store, "feature store", is_dir=False):
+        return _prep(root, store, config, workers, progress)
+
+
+def _prep(root: Path, store: Path, config: FrontendConfig, workers: int, progress: bool) -> PrepSummary:
+    started = time.perf_counter()
     index = read_index(root)
     clips = index.clips
     vocab = {label: k for k, label in enumerate(index.labels)}

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from fl import jsonfile
 from fl.config import CONFIG_DIR, Config, load_config
 from fl.errors import FedsoundError
 
@@ -83,6 +88,16 @@ def cmd_data_prep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from fl.store import FeatureStore
+
+    status = FeatureStore(Path(args.store)).verify(progress=_progress(args))
+    unchecked = [name for name, state in status.items() if state != "ok"]
+    print(f"{args.store}: {len(status) - len(unchecked)} datasets match their checksums"
+          + (f"; {len(unchecked)} have none ({', '.join(unchecked)})" if unchecked else ""))
+    return 0
+
+
 def cmd_data_partition(args: argparse.Namespace) -> int:
     from fl.partition import build_partition, format_summary
 
@@ -103,7 +118,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _config(args, {"model.name": args.model, "train.epochs": args.epochs, "train.lr": args.lr,
                             "train.batch-size": args.batch_size, "train.device": args.device})
     out = Path(args.out) if args.out else Path(args.workdir) / "runs" / "central"
-    result = train_central(Path(args.store), config, out, resume=args.resume, progress=_progress(args))
+    result = train_central(Path(args.store), config, out, resume=args.resume, progress=_progress(args),
+                           allow_config_change=args.allow_config_change)
     print(f"central run: {out}  best val mAP {result['best_mAP']:.4f} at epoch {result['best_epoch']}")
     return 0
 
@@ -115,7 +131,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{args.split}: mAP {metrics['mAP']:.4f}  d' {metrics['dprime']:.3f}  lwlrap {metrics['lwlrap']:.4f}  "
           f"micro PR-AUC {metrics['micro_pr_auc']:.4f}  ({metrics['n_clips']} clips)")
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        Path(args.json).write_text(jsonfile.dumps(metrics, indent=2) + "\n")
     return 0
 
 
@@ -127,10 +143,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     config = _config(args, {"federated.rounds": args.rounds, "federated.fraction": args.fraction,
                             "federated.local-epochs": args.local_epochs, "federated.strategy": args.strategy,
-                            "federated.ray-address": args.ray_address})
+                            "federated.ray-address": args.ray_address, "federated.ray-timeout-s": args.ray_timeout_s})
     out = Path(args.resume or args.out or Path(args.workdir) / "runs" / "federated")
     result = simulate(Path(args.store), config, out, resume=bool(args.resume), progress=_progress(args),
-                      central=Path(args.central) if args.central else None)
+                      central=Path(args.central) if args.central else None,
+                      allow_config_change=args.allow_config_change)
     print(f"federated run: {out}  final val mAP {result['mAP']:.4f} after {result['rounds']} rounds")
     return 0
 
@@ -138,7 +155,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from fedsound.sweep import run_sweep
 
-    config = _config(args, {"federated.ray-address": args.ray_address,
+    config = _config(args, {"federated.ray-address": args.ray_address, "federated.ray-timeout-s": args.ray_timeout_s,
                             "sweep.max-concurrent": args.max_concurrent})
     out = Path(args.out) if args.out else Path(args.workdir) / "sweeps" / "sweep"
     best = run_sweep(Path(args.store), config, out, resume=args.resume, progress=_progress(args))
@@ -239,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "the whole path on the built-in synthetic corpus, end to end", config=False)
     p.add_argument("--sweep", action="store_true", help="also run a tiny Ray Tune grid")
 
-    data = sub.add_parser("data", help="data commands: synth, download, prep, partition")
+    data = sub.add_parser("data", help="data commands: synth, mouth-sounds, download, prep, verify, partition")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = add("synth", cmd_data_synth, "write a small FSD50K-format corpus", dsub, config=False)
     p.add_argument("out")
@@ -263,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--features", type=Path, default=CONFIG_DIR / "features" / "fsd50k.toml")
     p.add_argument("--workers", type=int, default=2)
+    p = add("verify", cmd_data_verify, "check every dataset of a feature store against its checksum", dsub,
+            seed=False, config=False)
+    p.add_argument("store")
     p = add("partition", cmd_data_partition, "client partition summary (by uploader, iid, dirichlet)", dsub)
     p.add_argument("store")
     p.add_argument("--by", choices=["uploader", "iid", "dirichlet"], default=None)
@@ -280,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: go on even where the settings differ from the run's config.json")
 
     p = add("simulate", cmd_simulate, "Flower simulation on Ray; writes a run directory")
     p.add_argument("store")
@@ -287,10 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, default=None)
     p.add_argument("--local-epochs", type=int, default=None)
     p.add_argument("--strategy", default=None)
-    p.add_argument("--ray-address", default=None)
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (auto, or host:port)")
+    p.add_argument("--ray-timeout-s", type=float, default=None,
+                   help="give up joining the cluster after this many seconds (default 30)")
     p.add_argument("--central", default=None, help="central run directory to compare against in the plots")
     p.add_argument("--out", default=None)
     p.add_argument("--resume", default=None, metavar="RUN", help="continue a killed run")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: go on even where the settings differ from the run's config.json")
 
     p = add("evaluate", cmd_evaluate, "clip-level metrics on a split", seed=False, config=False)
     p.add_argument("model")
@@ -301,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sweep", cmd_sweep, "Ray Tune grid over federated parameters")
     p.set_defaults(config=CONFIG_DIR / "sweep" / "fsd_fed_grid.toml")
     p.add_argument("store")
-    p.add_argument("--ray-address", default=None)
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (auto, or host:port)")
+    p.add_argument("--ray-timeout-s", type=float, default=None,
+                   help="give up joining the cluster after this many seconds (default 30)")
     p.add_argument("--max-concurrent", type=int, default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--resume", action="store_true")
@@ -351,6 +379,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Interrupts:
+    """SIGINT and SIGTERM stop a command the way Ctrl-C does: the first raises KeyboardInterrupt in the main thread,
+    so the command unwinds (files are written atomically, locks are released); a second one exits at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            os.write(2, b"interrupted again: exiting now\n")
+            os._exit(128 + signum)
+        self.received = signum
+        # Flower's worker threads go on until the simulation is torn down, and would log every message cut short
+        # as an error with its traceback: the command is stopping, so they are silenced.
+        logging.getLogger("flwr").disabled = True
+        raise KeyboardInterrupt
+
+    def exit_status(self) -> int:
+        """128 + the signal that stopped the command (SIGINT when Ray turned SIGTERM into an exit)."""
+        return 128 + (self.received or signal.SIGINT)
+
+
+def _stop_ray() -> None:
+    """Shut down a Ray connection an interrupted command left open (a local Ray's processes go with it)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def _exit_now(status: int) -> None:
+    """End an interrupted process whose Flower or Ray threads are still running: their C++ parts abort the
+    interpreter's shutdown, so exit at once, after the streams are flushed (locks go with the descriptors)."""
+    if "flwr" in sys.modules or "ray" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedsound`` console script."""
     parser = build_parser()
@@ -359,14 +436,27 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(args.verbosity)
     configure_environment(Path(args.workdir))
-    try:
-        return int(args.handler(args) or 0)
-    except FedsoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with _Interrupts() as interrupts:
+        try:
+            return int(args.handler(args) or 0)
+        except FedsoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            _stop_ray()
+            print("interrupted" if interrupts.received != signal.SIGTERM else "terminated", file=sys.stderr)
+            _exit_now(interrupts.exit_status())
+            return interrupts.exit_status()
+        except SystemExit as exc:  # Ray's own SIGTERM handler exits with the signal number
+            if exc.code == signal.SIGTERM:
+                _stop_ray()
+                print("terminated", file=sys.stderr)
+                _exit_now(128 + signal.SIGTERM)
+                return 128 + signal.SIGTERM
+            raise
+        except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

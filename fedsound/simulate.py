@@ -7,11 +7,14 @@ import os
 import warnings
 from pathlib import Path
 
+from fedsound.cluster import check_ray_address
 from fl.config import Config
 from fl.errors import DataError
 from fl.federation import RUN_ENV, RunSettings
+from fl.locks import exclusive
 from fl.partition import PartitionPlan, build_partition
 from fl.rundir import RunDir
+from fl.store import FeatureStore, with_store_frontend
 
 log = logging.getLogger("fedsound.simulate")
 
@@ -29,15 +32,29 @@ def backend_config(config: Config) -> dict:
 
 
 def simulate(store_path: Path, config: Config, out: Path, resume: bool = False, progress: bool = True,
-             central: Path | None = None) -> dict:
-    """Run a federated experiment in Flower's Simulation Engine; returns the last round's record."""
+             central: Path | None = None, allow_config_change: bool = False) -> dict:
+    """Run a federated experiment in Flower's Simulation Engine; returns the last round's record.
+
+    The run directory is locked for the run, the store verified against its checksums, a resume checked
+    (:meth:`fl.rundir.RunDir.start`), and a Ray cluster address probed within ``federated.ray-timeout-s``."""
+    with exclusive(Path(out), "run directory"):
+        return _simulate(store_path, config, Path(out), resume, progress, central, allow_config_change)
+
+
+def _simulate(store_path: Path, config: Config, out: Path, resume: bool, progress: bool, central: Path | None,
+              allow_config_change: bool) -> dict:
     from flwr.simulation import run_simulation
 
     from clients.client_app import app as client_app
     from server.server_app import app as server_app
 
+    store = FeatureStore(store_path)
+    config = with_store_frontend(config, store)
+    store.verify(progress=progress)
+    if config.federated.ray_address:
+        check_ray_address(config.federated.ray_address, config.federated.ray_timeout_s)
     run = RunDir(out)
-    run.start(config, resume)
+    run.start(config, resume, allow_config_change)
     settings = RunSettings(config, Path(store_path).resolve(), Path(out).resolve(), resume,
                            Path(central).resolve() if central else None)
     if not resume:

@@ -61,8 +61,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fl.config import Config, apply, apply_flat, to_dict
+from fedsound.cluster import check_ray_address
+from fl import jsonfile as strict_json
+from fl.config import RUNTIME_KEYS, Config, apply, apply_flat, config_differences, to_dict
 from fl.errors import ConfigError, DataError, FedsoundError
+from fl.locks import exclusive
 
 log = logging.getLogger("fedsound.sweep")
 
@@ -75,7 +78,6 @@ CHILD_LOG = "child.log"
 CHILD_OBJECT_STORE_BYTES = 512 * 1024**2
 POLL_S = 0.5
 LOCK_WAIT_S = 120.0
-RUNTIME_KEYS = ("federated.ray-address",)  # may change between a sweep and its resume
 CHILD_ENV_DROP = ("RAY_ADDRESS", "RAY_JOB_ID", "RAY_RAYLET_PID", "RAY_CLIENT_MODE", "OMP_NUM_THREADS")
 
 
@@ -421,26 +423,13 @@ def _child_main(spec_path: Path) -> int:
 # --- the sweep --------------------------------------------------------------------------------------------
 
 
-def _first_difference(saved: Any, given: Any, prefix: str = "") -> str | None:
-    if isinstance(saved, dict) and isinstance(given, dict):
-        for key in sorted(set(saved) | set(given)):
-            dotted = f"{prefix}{key}"
-            if dotted in RUNTIME_KEYS:
-                continue
-            found = _first_difference(saved.get(key), given.get(key), f"{dotted}.")
-            if found:
-                return found
-        return None
-    return None if saved == given else f"{prefix.rstrip('.')} was {saved!r}, now {given!r}"
-
-
 def _check_resume(out: Path, store: Path, config: Config) -> None:
     state = json.loads((out / "sweep.json").read_text())
     if state["store"] != str(store):
         raise ConfigError(f"{out}: the sweep being resumed used the store {state['store']}, not {store}")
-    difference = _first_difference(state["config"], to_dict(config))
-    if difference:
-        raise ConfigError(f"{out}: the sweep being resumed had a different config ({difference}); "
+    changed = config_differences(state["config"], to_dict(config), RUNTIME_KEYS)
+    if changed:
+        raise ConfigError(f"{out}: the sweep being resumed had another config ({'; '.join(changed)}); "
                           "resume it with the same config")
 
 
@@ -653,7 +642,7 @@ def write_outputs(out: Path, trials: list[SweepTrial], config: Config, tune_resu
                "metrics": {k: best[k] for k in best if k.startswith(("best_", "final_"))},
                "trials": len(rows), "errors": sum(1 for r in rows if r["status"] == "error")}
     tmp = out / "best.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    tmp.write_text(strict_json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, out / "best.json")
     return summary
 
@@ -661,12 +650,21 @@ def write_outputs(out: Path, trials: list[SweepTrial], config: Config, tune_resu
 def run_sweep(store: Path, config: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
     """Run (or with ``resume`` continue) the grid ``config.sweep.grid`` as Ray Tune trials, one Flower simulation
     each; write results.csv, best.json, heatmap.png and curves.png into ``out``; return the best trial's params
-    and metrics (chosen by the final value of ``config.sweep.metric``)."""
+    and metrics (chosen by the final value of ``config.sweep.metric``). The sweep directory is locked meanwhile,
+    and the store verified against its checksums before Ray starts."""
     trials = expand_grid(config)
     store, out = Path(store).resolve(), Path(out).resolve()
     from fl.store import FeatureStore
 
-    FeatureStore(store).table("train")  # a missing or unreadable store fails here, before Ray starts
+    FeatureStore(store).verify(progress=progress)  # a missing, unreadable or corrupt store fails before Ray starts
+    if config.federated.ray_address:
+        check_ray_address(config.federated.ray_address, config.federated.ray_timeout_s)
+    with exclusive(out, "sweep directory"):
+        return _run_sweep(store, config, out, trials, resume, progress)
+
+
+def _run_sweep(store: Path, config: Config, out: Path, trials: list[SweepTrial], resume: bool,
+               progress: bool) -> dict:
     if resume:
         if not (out / "sweep.json").exists():
             raise DataError(f"{out}: nothing to resume (no sweep.json)")

@@ -13,7 +13,7 @@ import json
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -154,6 +154,7 @@ class FederatedConfig:
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     ray_address: str = ""  # "" starts a local Ray; "auto" or host:port joins a cluster
+    ray_timeout_s: float = 30.0  # joining a cluster by address fails after this long
     supernodes: int = 0  # 0 means one supernode per client of the partition
 
     def __post_init__(self) -> None:
@@ -173,6 +174,7 @@ class FederatedConfig:
         _check(0 < self.client_cpus <= 64, "client-cpus", "must be in (0, 64]")
         _check(0 <= self.client_gpus <= 8, "client-gpus", "must be in [0, 8]")
         _check(self.supernodes >= 0, "supernodes", "must be non-negative")
+        _check(0 < self.ray_timeout_s <= 3600, "ray-timeout-s", "must be in (0, 3600]")
 
 
 @dataclass(frozen=True)
@@ -347,6 +349,9 @@ class Config:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
 
+    def __post_init__(self) -> None:
+        _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
+
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
@@ -419,12 +424,19 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Read a TOML file, turning syntax errors into a one-line ConfigError naming the file."""
+    """Read a TOML file; a missing file, a folder, unreadable or non-UTF-8 bytes and syntax errors are one-line
+    ConfigErrors naming the file."""
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file (give a .toml file)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
@@ -486,6 +498,30 @@ def model_from_dict(data: Mapping[str, Any], source: str = "model file") -> Mode
         return _build(ModelConfig, data, ModelConfig(), "model.")
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+# Keys that say where a run runs, not what it computes: they may change when a run or a sweep resumes.
+RUNTIME_KEYS = ("train.device", "train.num-workers", "federated.ray-address", "federated.ray-timeout-s",
+                "federated.client-cpus", "federated.client-gpus", "sweep.max-concurrent")
+# Keys that say how long a run goes on: a resumed run may be extended (or stop earlier).
+LENGTH_KEYS = ("train.epochs", "federated.rounds")
+
+
+def config_differences(saved: Mapping[str, Any], given: Mapping[str, Any], ignore: Sequence[str] = (),
+                       prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two :func:`to_dict` configs, as ``"key: old -> new"``, leaving
+    out the keys in ``ignore``."""
+    found = []
+    for key in sorted(set(saved) | set(given)):
+        dotted = f"{prefix}{key}"
+        if dotted in ignore:
+            continue
+        old, new = saved.get(key), given.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping) and dotted.count(".") == 0:
+            found += config_differences(old, new, ignore, f"{dotted}.")
+        elif old != new:
+            found.append(f"{dotted}: {old!r} -> {new!r}")
+    return found
 
 
 def write_resolved(config: Config, path: Path) -> None:

@@ -90,32 +90,37 @@ def save_model(path: Path, model: nn.Module, extra: dict | None = None) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _read_payload(path: Path, map_location: str | torch.device) -> dict:
+def read_archive(path: Path, kind: str = "model file", map_location: str | torch.device = "cpu") -> Any:
+    """The content of a ``torch.save`` file of plain types and tensors (a model file or a checkpoint), after
+    checking every member's CRC (``torch.load`` does not); every problem is a one-line :class:`ModelFileError`
+    naming ``kind`` and the file."""
+    path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}")
+        raise ModelFileError(f"{kind} not found: {path}")
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ModelFileError(f"cannot read model file {path}: {exc.strerror or exc}") from None
-    # torch.save writes a zip archive with a CRC per member; torch.load does not check them, so we do.
+        raise ModelFileError(f"cannot read {kind} {path}: {exc.strerror or exc}") from None
     try:
         bad_member = zipfile.ZipFile(io.BytesIO(data)).testzip()
     except (zipfile.BadZipFile, RuntimeError, ValueError, EOFError, OSError):
         raise ModelFileError(
-            f"not a fedsound model file: {path} (not a torch.save archive, or truncated)"
+            f"not a fedsound {kind}: {path} (not a torch.save archive, or truncated)"
         ) from None
     if bad_member is not None:
-        raise ModelFileError(f"not a fedsound model file: {path} (corrupt: checksum error in {bad_member})")
+        raise ModelFileError(f"not a fedsound {kind}: {path} (corrupt: checksum error in {bad_member})")
     try:  # parsing from memory: any error below is about the content, not about the disk
-        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         raise ModelFileError(
-            f"not a fedsound model file: {path} (holds objects other than plain data and tensors)"
+            f"not a fedsound {kind}: {path} (holds objects other than plain data and tensors)"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError) as exc:
-        raise ModelFileError(
-            f"not a fedsound model file: {path} (unreadable: {type(exc).__name__})"
-        ) from None
+        raise ModelFileError(f"not a fedsound {kind}: {path} (unreadable: {type(exc).__name__})") from None
+
+
+def _read_payload(path: Path, map_location: str | torch.device) -> dict:
+    payload = read_archive(path, "model file", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"not a fedsound model file: {path} (no '{FORMAT}' format tag)")
     if payload.get("version") != VERSION:

@@ -8,15 +8,16 @@ epoch or round), ``checkpoint.pt`` (the latest resumable state), ``model.pt`` (t
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fl.config import Config, write_resolved
-from fl.errors import DataError
+from fl import jsonfile
+from fl.config import LENGTH_KEYS, RUNTIME_KEYS, Config, config_differences, to_dict, write_resolved
+from fl.errors import ConfigError, DataError
+from fl.model_io import read_archive
 
 
 class RunDir:
@@ -29,21 +30,40 @@ class RunDir:
         self.model_path = self.path / "model.pt"
         self.plot_path = self.path / "curves.png"
 
-    def start(self, config: Config, resume: bool) -> None:
-        """Create the folder; refuse to overwrite a finished or started run unless resuming."""
+    def start(self, config: Config, resume: bool, allow_config_change: bool = False) -> None:
+        """Create the folder and record the configuration; refuse to overwrite a finished or started run unless
+        resuming. A resume checks the checkpoint (:meth:`load_checkpoint`) and that the configuration is the
+        run's own, except where it runs and how long (:data:`fl.config.RUNTIME_KEYS`, ``LENGTH_KEYS``);
+        ``allow_config_change`` resumes with other settings anyway. A resume leaves ``config.json`` as it is:
+        :meth:`record_config` replaces it once the checkpoint has been restored."""
         if resume:
             if not self.checkpoint_path.exists():
                 raise DataError(f"{self.path}: nothing to resume (no checkpoint.pt)")
-        elif self.metrics_path.exists() and self.metrics_path.stat().st_size:
+            self.load_checkpoint()
+            saved = self.path / "config.json"
+            if saved.exists() and not allow_config_change:
+                try:
+                    recorded = json.loads(saved.read_text())
+                except (OSError, ValueError) as exc:
+                    raise DataError(f"{saved}: unreadable ({exc}); resume with --allow-config-change") from None
+                changed = config_differences(recorded, to_dict(config), RUNTIME_KEYS + LENGTH_KEYS)
+                if changed:
+                    raise ConfigError(f"{self.path}: the run being resumed had another config ({'; '.join(changed)})"
+                                      "; resume with the same settings, or pass --allow-config-change")
+            return
+        if self.metrics_path.exists() and self.metrics_path.stat().st_size:
             raise DataError(f"{self.path}: a run is already here; use --resume or another --out")
         self.path.mkdir(parents=True, exist_ok=True)
+        self.record_config(config)
+
+    def record_config(self, config: Config) -> None:
+        """Write the resolved configuration (``config.json``)."""
         write_resolved(config, self.path / "config.json")
 
     def append(self, record: dict[str, Any]) -> None:
         """Append one epoch/round record (non-finite floats written as null)."""
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(clean) + "\n")
+            fh.write(jsonfile.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -63,15 +83,28 @@ class RunDir:
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """Atomically replace the checkpoint (tensors and plain types only: loads with weights_only)."""
         tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, self.checkpoint_path)
 
-    def load_checkpoint(self) -> dict[str, Any]:
-        """Load the latest checkpoint."""
+    def restore(self, module: Any, state: dict[str, Any], what: str = "model") -> None:
+        """``module.load_state_dict(state)`` from this run's checkpoint; a state that does not fit (another
+        architecture) is a one-line DataError."""
         try:
-            return torch.load(self.checkpoint_path, weights_only=True, map_location="cpu")
-        except (RuntimeError, EOFError, OSError) as exc:
-            raise DataError(f"{self.checkpoint_path}: unreadable checkpoint: {exc}") from None
+            module.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"{self.checkpoint_path}: the checkpoint's {what} does not fit the configured one "
+                            f"({first})") from None
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """The latest checkpoint, its archive checked member by member (:func:`fl.model_io.read_archive`)."""
+        state = read_archive(self.checkpoint_path, "checkpoint")
+        if not isinstance(state, dict):
+            raise DataError(f"not a fedsound checkpoint: {self.checkpoint_path} (not a table)")
+        return state
 
 
 def plot_curves(records: list[dict], out_png: Path, step_key: str, title: str,

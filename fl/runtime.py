@@ -30,6 +30,9 @@ def configure_environment(workdir: Path) -> None:
     os.environ.setdefault("RAY_TMPDIR", str(ray_tmp))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray's C++ failure signal handler takes SIGTERM as a crash: it dumps a stack and tears the driver's Ray
+    # connection down before Python's handler can stop the command cleanly. Set to 0 to keep it.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 
 
 def configure_logging(verbosity: int) -> None:

@@ -8,6 +8,11 @@ Layout (``FORMAT``, version ``VERSION``)::
     /<split>/clips/   fname, uploader, offset, n_frames, n_segs, labels [n_clips, n_classes] (uint8)
     /errors/          fname, split, reason
 
+Every dataset carries a ``sha256`` attribute: the SHA-256 of its values (numbers: the raw bytes in row order;
+strings: their UTF-8 bytes, each followed by a zero byte). The small datasets (vocabulary, clip tables) are
+checked whenever they are read; the frames are checked by :meth:`FeatureStore.verify` (``fedsound data verify``,
+and the training drivers before they start), one pass over the file.
+
 Clips are stored grouped by uploader, so one client's frames are one contiguous range. Patches are cut from
 the frames when read (:func:`fl.frontend.patch_frame_indices`), so the 50% overlap costs no disk. The frame
 arrays are contiguous HDF5 datasets read through ``numpy.memmap``: a random patch is a plain memory gather,
@@ -16,6 +21,8 @@ and nothing needs to fit in RAM. The file is opened lazily in each process (Data
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -27,15 +34,17 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
-from fl.config import FrontendConfig, frontend_from_dict, to_dict
-from fl.errors import DataError
+from fl.config import Config, FrontendConfig, frontend_from_dict, to_dict
+from fl.errors import ConfigError, DataError
 from fl.frontend import patch_frame_indices
 
 FORMAT = "fedsound-store"
 VERSION = 1
 SPLITS = ("train", "val", "eval")
 CLIP_COLUMNS = ("fname", "uploader", "offset", "n_frames", "n_segs")
+VERIFY_CHUNK_BYTES = 64 * 1024**2
 
 
 @dataclass
@@ -48,6 +57,23 @@ class SplitTable:
 
 def _strings(values: Sequence[str]) -> np.ndarray:
     return np.array([str(v).encode("utf-8") for v in values], dtype=object)
+
+
+def _digest(values: np.ndarray) -> str:
+    """SHA-256 of a dataset's values: raw bytes of numbers in row order; each string's UTF-8 bytes and a zero."""
+    digest = hashlib.sha256()
+    if values.dtype == object:
+        for value in values:
+            digest.update((value if isinstance(value, bytes) else str(value).encode("utf-8")) + b"\0")
+    else:
+        digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()
+
+
+def _dataset(group: h5py.Group, name: str, data: np.ndarray, **kwargs) -> None:
+    """Create a dataset with its ``sha256`` attribute."""
+    group.create_dataset(name, data=data, **kwargs)
+    group[name].attrs["sha256"] = _digest(np.asarray(data))
 
 
 def write_store(
@@ -70,35 +96,48 @@ def write_store(
         h5.attrs["version"] = VERSION
         h5.attrs["frontend"] = json.dumps(to_dict(frontend), sort_keys=True)
         vocab = h5.create_group("vocabulary")
-        vocab.create_dataset("label", data=_strings(labels), dtype=h5py.string_dtype())
-        vocab.create_dataset("mid", data=_strings(mids), dtype=h5py.string_dtype())
+        _dataset(vocab, "label", _strings(labels), dtype=h5py.string_dtype())
+        _dataset(vocab, "mid", _strings(mids), dtype=h5py.string_dtype())
         for split, table in tables.items():
             group = h5.create_group(split)
             clips = table.clips
             total = int(clips["n_frames"].sum())
             frames = group.create_dataset("frames", shape=(total, frontend.n_mels), dtype=dtype)
+            digest = hashlib.sha256()
             cursor = 0
             for expected, clip_frames in zip(clips["n_frames"], frames_of[split], strict=True):
                 if len(clip_frames) != expected:
                     raise DataError(f"{path}: clip frames {len(clip_frames)} != table {expected}")
-                frames[cursor : cursor + expected] = clip_frames.astype(dtype, copy=False)
+                stored = np.ascontiguousarray(clip_frames, dtype=dtype)
+                frames[cursor : cursor + expected] = stored
+                digest.update(stored.tobytes())
                 cursor += expected
+            frames.attrs["sha256"] = digest.hexdigest()
             ctab = group.create_group("clips")
             for column in ("fname", "uploader"):
-                ctab.create_dataset(column, data=_strings(clips[column]), dtype=h5py.string_dtype())
+                _dataset(ctab, column, _strings(clips[column]), dtype=h5py.string_dtype())
             for column in ("offset", "n_frames"):
-                ctab.create_dataset(column, data=clips[column].to_numpy(np.int64))
-            ctab.create_dataset("n_segs", data=clips["n_segs"].to_numpy(np.int32))
-            ctab.create_dataset("labels", data=table.labels.astype(np.uint8).reshape(len(clips), len(labels)))
+                _dataset(ctab, column, clips[column].to_numpy(np.int64))
+            _dataset(ctab, "n_segs", clips["n_segs"].to_numpy(np.int32))
+            _dataset(ctab, "labels", table.labels.astype(np.uint8).reshape(len(clips), len(labels)))
         err = h5.create_group("errors")
         for column in ("fname", "split", "reason"):
-            err.create_dataset(column, data=_strings(errors[column] if len(errors) else []),
-                               dtype=h5py.string_dtype())
+            _dataset(err, column, _strings(errors[column] if len(errors) else []), dtype=h5py.string_dtype())
     os.replace(tmp, path)
 
 
+def _read(ds: h5py.Dataset) -> np.ndarray:
+    """A small dataset's values, checked against its ``sha256`` attribute (stores without one are not checked)."""
+    values = ds[()]
+    expected = ds.attrs.get("sha256")
+    if expected is not None and _digest(np.asarray(values)) != expected:
+        raise DataError(f"{ds.file.filename}: {ds.name} does not match its checksum: the store is corrupt "
+                        "(`fedsound data verify` checks all of it; prep it again)")
+    return values
+
+
 def _decode(ds: h5py.Dataset) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in ds[()]]
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in _read(ds)]
 
 
 class FeatureStore:
@@ -152,11 +191,11 @@ class FeatureStore:
                 clips = pd.DataFrame({
                     "fname": _decode(g["fname"]),
                     "uploader": _decode(g["uploader"]),
-                    "offset": g["offset"][()],
-                    "n_frames": g["n_frames"][()],
-                    "n_segs": g["n_segs"][()],
+                    "offset": _read(g["offset"]),
+                    "n_frames": _read(g["n_frames"]),
+                    "n_segs": _read(g["n_segs"]),
                 })
-                self._tables[split] = SplitTable(clips, g["labels"][()])
+                self._tables[split] = SplitTable(clips, _read(g["labels"]))
         return self._tables[split]
 
     def frames(self, split: str) -> np.ndarray:
@@ -169,6 +208,45 @@ class FeatureStore:
             else:
                 self._frames[split] = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
         return self._frames[split]
+
+    def verify(self, progress: bool = False) -> dict[str, str]:
+        """Check every dataset against its ``sha256`` attribute, the frames in one pass over the file (a progress
+        bar when that takes more than a second). Returns dataset -> "ok" | "no checksum"; a mismatch raises a
+        DataError naming every corrupt dataset."""
+        with h5py.File(self.path, "r") as h5:
+            names: list[str] = []
+            h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+            expected = {name: h5[name].attrs.get("sha256") for name in names}
+        total = sum(self.frames(split).nbytes for split in self.splits)
+        status, corrupt = {}, []
+        with tqdm(total=total, unit="B", unit_scale=True, desc="verify store", disable=not progress, delay=1.0,
+                  leave=False) as bar:
+            for name in sorted(names):
+                if expected[name] is None:
+                    status[name] = "no checksum"
+                    continue
+                split = name.split("/")[0]
+                if name == f"{split}/frames" and split in self.splits:
+                    actual = self._frames_digest(split, bar)
+                else:
+                    with h5py.File(self.path, "r") as h5:
+                        actual = _digest(np.asarray(h5[name][()]))
+                status[name] = "ok" if actual == expected[name] else "corrupt"
+                if actual != expected[name]:
+                    corrupt.append(name)
+        if corrupt:
+            raise DataError(f"{self.path}: corrupt (checksum mismatch): {', '.join(corrupt)}; prep the store again")
+        return status
+
+    def _frames_digest(self, split: str, bar: tqdm) -> str:
+        frames = self.frames(split)
+        digest = hashlib.sha256()
+        step = max(1, VERIFY_CHUNK_BYTES // max(1, frames.itemsize * frames.shape[1]))
+        for start in range(0, len(frames), step):
+            chunk = np.ascontiguousarray(frames[start : start + step])
+            digest.update(chunk.tobytes())
+            bar.update(chunk.nbytes)
+        return digest.hexdigest()
 
     def errors(self) -> pd.DataFrame:
         """Inputs that prep skipped, with the reason."""
@@ -206,6 +284,19 @@ class FeatureStore:
         """Indices of the clips of the given uploaders."""
         wanted = set(uploaders)
         return np.flatnonzero(self.table(split).clips["uploader"].isin(wanted).to_numpy())
+
+
+def with_store_frontend(config: Config, store: FeatureStore) -> Config:
+    """``config`` with the store's frontend, which prep fixed: training reads its frames as they are. A
+    ``[frontend]`` key set to something else (neither the default nor the store's value) is a ConfigError."""
+    default = FrontendConfig()
+    conflicts = [f"{f.name.replace('_', '-')} = {getattr(config.frontend, f.name)!r} where the store has "
+                 f"{getattr(store.frontend, f.name)!r}" for f in dataclasses.fields(FrontendConfig)
+                 if getattr(config.frontend, f.name) not in (getattr(default, f.name), getattr(store.frontend, f.name))]
+    if conflicts:
+        raise ConfigError(f"frontend: {store.path} was prepared with another frontend ({'; '.join(conflicts)}); "
+                          "training uses the store's frames as they are: drop the [frontend] keys or prep again")
+    return dataclasses.replace(config, frontend=store.frontend)
 
 
 class PatchDataset(Dataset):

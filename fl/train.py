@@ -18,12 +18,13 @@ from tqdm import tqdm
 
 from fl.config import Config, TrainConfig, to_dict
 from fl.errors import DataError
+from fl.locks import exclusive
 from fl.metrics import clip_metrics
 from fl.model_io import load_model, save_model
 from fl.models import build_model
 from fl.rundir import RunDir, plot_curves
 from fl.runtime import pick_device
-from fl.store import FeatureStore, iter_batches
+from fl.store import FeatureStore, iter_batches, with_store_frontend
 
 log = logging.getLogger("fedsound.train")
 
@@ -138,22 +139,35 @@ def model_extra(store: FeatureStore) -> dict:
     return {"labels": list(store.labels), "mids": list(store.mids), "frontend": to_dict(store.frontend)}
 
 
-def train_central(store_path: Path, config: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
-    """Centralised baseline: Adam + BCE, val each epoch, early stopping on val mAP, checkpoint each epoch."""
+def train_central(store_path: Path, config: Config, out: Path, resume: bool = False, progress: bool = True,
+                  allow_config_change: bool = False) -> dict:
+    """Centralised baseline: Adam + BCE, val each epoch, early stopping on val mAP, checkpoint each epoch.
+
+    The run directory is locked for the run (a second writer is refused), the store is verified against its
+    checksums first, and a resume checks the checkpoint and the configuration (:meth:`RunDir.start`)."""
+    with exclusive(Path(out), "run directory"):
+        return _train_central(store_path, config, Path(out), resume, progress, allow_config_change)
+
+
+def _train_central(store_path: Path, config: Config, out: Path, resume: bool, progress: bool,
+                   allow_config_change: bool) -> dict:
     store = FeatureStore(store_path)
+    config = with_store_frontend(config, store)
+    store.verify(progress=progress)
     run = RunDir(out)
-    run.start(config, resume)
+    run.start(config, resume, allow_config_change)
     device = pick_device(config.train.device)
     model = new_model(config, store).to(device)
     optimizer = make_optimizer(model, config.train)
     start_epoch, best_map, best_epoch, best_state = 1, -1.0, 0, None
     if resume:
         ckpt = run.load_checkpoint()
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        run.restore(model, ckpt["model"])
+        run.restore(optimizer, ckpt["optimizer"], "optimizer state")
         start_epoch = int(ckpt["epoch"]) + 1
         best_map, best_epoch, best_state = float(ckpt["best_map"]), int(ckpt["best_epoch"]), ckpt["best_model"]
         run.truncate(start_epoch - 1, "epoch")
+        run.record_config(config)
         log.info("resuming %s at epoch %d", out, start_epoch)
     patches = store.patch_index("train")
     for epoch in range(start_epoch, config.train.epochs + 1):

@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl.config import Config, to_dict
 from fl.federation import CONFIG_KEY, RunSettings, open_store, settings_from_run_config, update_problem
+from fl.locks import exclusive
 from fl.model_io import save_model
 from fl.partition import PartitionPlan, build_partition
 from fl.rundir import RunDir, plot_curves
@@ -66,7 +67,13 @@ def map_partitions(grid: Grid, n_partitions: int, wait_s: float = NODE_WAIT_S) -
 
 
 def run_federated(grid: Grid, settings: RunSettings) -> None:
-    """The round loop: sample -> train on clients -> check updates -> aggregate -> evaluate -> checkpoint."""
+    """The round loop: sample -> train on clients -> check updates -> aggregate -> evaluate -> checkpoint. The run
+    directory is locked meanwhile (shared with ``fedsound simulate``, which holds it in the same process)."""
+    with exclusive(settings.out, "run directory"):
+        _run_federated(grid, settings)
+
+
+def _run_federated(grid: Grid, settings: RunSettings) -> None:
     config, run = settings.config, RunDir(settings.out)
     if not (run.path / "config.json").exists():  # `flwr run .` path: nothing prepared the run directory
         run.start(config, settings.resume)
@@ -79,10 +86,11 @@ def run_federated(grid: Grid, settings: RunSettings) -> None:
     start = 1
     if settings.resume:
         ckpt = run.load_checkpoint()
-        model.load_state_dict(ckpt["model"])
+        run.restore(model, ckpt["model"])
         restore_strategy_state(strategy, ckpt["strategy"])
         start = int(ckpt["round"]) + 1
         run.truncate(start - 1, "round")
+        run.record_config(config)
         log.info("resuming %s at round %d", settings.out, start)
     arrays = ArrayRecord(model.state_dict())
     nodes = map_partitions(grid, plan.n_clients)

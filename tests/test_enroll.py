@@ -143,7 +143,7 @@ def test_bad_arguments_and_names(tmp_path):
         enroll(tmp_path / "p", sound="a b", from_files=[tmp_path / "x.wav"])
     with pytest.raises(ProfileError, match="reserved"):
         enroll(tmp_path / "p", sound="background", from_files=[tmp_path / "x.wav"])
-    with pytest.raises(EnrollError, match="audio file not found"):
+    with pytest.raises(EnrollError, match="missing.wav: audio file missing"):
         enroll(tmp_path / "p", sound="pop", from_files=[tmp_path / "missing.wav"])
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
@@ -205,3 +205,40 @@ def test_recording_without_sounddevice_is_a_one_line_error(tmp_path, monkeypatch
         enroll(tmp_path / "me", sound="pop", record=3, countdown_s=0)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "me").exists()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_file_that_is_not_audio_is_refused_and_nothing_is_stored(tmp_path, background):
+    """NaN or absurd samples are named as such, for sounds and background alike (not 'silent', not a click)."""
+    take = enrollment_take("click", make_voice(2), 0).wave.astype(np.float32)
+    take[len(take) // 3] = np.nan
+    nan_file = tmp_path / "nan.wav"
+    sf.write(nan_file, take, RATE, subtype="FLOAT")
+    huge_file = tmp_path / "huge.wav"
+    sf.write(huge_file, np.nan_to_num(take) * 1e30, RATE, subtype="FLOAT")
+    profile = tmp_path / "me"
+    kind = {"background": True} if background else {"sound": "click"}
+    for bad, reason in ((nan_file, "NaN or inf samples"), (huge_file, "far beyond full scale")):
+        with pytest.raises(EnrollError) as info:
+            enroll(profile, from_files=[bad], progress=False, **kind)
+        assert str(info.value).startswith(f"{bad}: ") and reason in str(info.value)
+        assert "silent" not in str(info.value)
+    assert not profile.exists()
+
+
+def test_a_recorded_take_that_is_not_audio_is_rejected_and_asked_again(tmp_path, capsys):
+    voice = make_voice(3)
+    broken = enrollment_take("hum", voice, 1).wave.copy()
+    broken[1000:1010] = np.nan
+    takes = [broken, enrollment_take("hum", voice, 2).wave]
+    opened = []
+
+    def open_stream(rate, block):
+        stream = MemoryStream(takes[len(opened) - 1] if opened else np.zeros(0))
+        opened.append(stream)
+        return stream
+
+    summary = enroll(tmp_path / "me", sound="hum", record=1, open_stream=open_stream, countdown_s=0,
+                     progress=True, out=sys.stderr)
+    err = capsys.readouterr().err
+    assert summary["added"] == 1 and "rejected: NaN or inf samples" in err and "attempt 2 of 3" in err

@@ -9,6 +9,7 @@ FedAvgM, whose server momentum and current weights must survive the checkpoint f
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import warnings
 from dataclasses import replace
@@ -34,6 +35,7 @@ from fl.partition import PartitionPlan, build_partition, partition_by_uploader
 from fl.rundir import RunDir
 from fl.runtime import configure_environment
 from fl.store import FeatureStore
+from fl.store import _digest as store_digest
 from fl.train import new_model, train_epochs
 from server.server_app import run_federated
 from server.strategy import build_strategy, restore_strategy_state, sample_partitions
@@ -157,6 +159,9 @@ def faulty_run(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest.Te
         for clip in plan.clients[NAN_PARTITION]:
             frames[offsets[clip]:offsets[clip] + n_frames[clip]] = np.nan
         offsets[plan.clients[BROKEN_PARTITION][0]] = 10 * frames.shape[0]
+        # a store written this way, not corrupted on disk: its checksums describe what it now holds
+        frames.attrs["sha256"] = hashlib.sha256(frames[()].tobytes()).hexdigest()
+        offsets.attrs["sha256"] = store_digest(offsets[()])
     config = replace(sim_config, federated=replace(sim_config.federated, rounds=1, fraction=1.0))
     run_sim(store, config, base / "run")
     return base / "run"

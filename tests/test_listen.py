@@ -160,11 +160,11 @@ def test_microphone_without_sounddevice_is_a_one_line_error(monkeypatch):
 
 def test_bad_inputs_and_exec_mappings_are_clear_errors(setup, tmp_path):
     bundle, _, _ = setup
-    with pytest.raises(AudioInputError, match="audio file not found"):
+    with pytest.raises(AudioInputError, match="missing.wav: audio file missing"):
         listen(bundle, Config(), input_=str(tmp_path / "missing.wav"))
     junk = tmp_path / "junk.wav"
     junk.write_text("not audio")
-    with pytest.raises(AudioInputError, match="cannot read audio file"):
+    with pytest.raises(AudioInputError, match="junk.wav: unreadable audio"):
         listen(bundle, Config(), input_=str(junk))
     with pytest.raises(ListenError, match="expected LABEL=COMMAND"):
         parse_exec_map(["click"], LABELS)
@@ -197,3 +197,61 @@ def test_detection_matching_helper_counts_hits_and_false_onsets(setup):
     summary = run_detector(detector_for(bundle_path), source)
     records, false_onsets = match_events(test.events, summary.events)
     assert false_onsets == 0 and all(r["latency_ms"] is not None for r in records)
+
+
+@pytest.mark.parametrize(("fill", "reason"), [
+    ("one-nan", "NaN or inf samples"), ("all-nan", "NaN or inf samples"), ("inf", "NaN or inf samples"),
+    ("huge", "far beyond full scale"),
+])
+def test_a_file_that_is_not_audio_is_refused_in_one_line(setup, tmp_path, capsys, fill, reason):
+    """Float WAVs with NaN, infinite or absurd samples: a one-line error naming the file, no events."""
+    bundle, wav, _ = setup
+    samples, rate = sf.read(wav, dtype="float32")
+    if fill == "one-nan":
+        samples[len(samples) // 2] = np.nan
+    elif fill == "all-nan":
+        samples[:] = np.nan
+    elif fill == "inf":
+        samples[100] = -np.inf
+    else:
+        samples *= 1e30
+    bad = tmp_path / f"{fill}.wav"
+    sf.write(bad, samples, rate, subtype="FLOAT")
+    with pytest.raises(AudioInputError) as info:
+        listen(bundle, Config(), input_=str(bad), as_json=True)
+    assert str(bad) in str(info.value) and reason in str(info.value) and "\n" not in str(info.value)
+    assert capsys.readouterr().out == ""
+
+
+def test_non_finite_live_input_is_repaired_and_counted_and_json_stays_valid(setup, capsys, monkeypatch):
+    bundle_path, wav, test = setup
+    samples = FileSource(wav, load_bundle(bundle_path).frontend(), 160).samples.copy()
+    clean = [e.to_dict() for e in run_detector(detector_for(bundle_path),
+                                               ArraySource(samples, FRONTEND.sample_rate, 160)).events]
+    quiet = np.flatnonzero(np.abs(samples) < 1e-3)[:5]  # a few near-silent samples become garbage
+    samples[quiet[:3]] = np.nan
+    samples[quiet[3]] = np.inf
+    samples[quiet[4]] = 1e30
+    sources = []
+
+    def broken_microphone(rate, block):
+        sources.append(MicSource(MemoryInputStream(samples), rate, block))
+        return sources[-1]
+
+    monkeypatch.setattr(listen_module, "open_microphone", broken_microphone)
+    assert listen(bundle_path, Config(), input_="mic", as_json=True) == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line, parse_constant=lambda name: pytest.fail(f"invalid JSON constant {name}"))
+             for line in captured.out.splitlines()]
+    assert sources[0].repaired == 5
+    assert "5 microphone samples were NaN, infinite or far beyond full scale" in captured.err
+    assert [e["label"] for e in lines] == [e["label"] for e in clean]
+
+
+def test_an_event_with_a_non_finite_score_is_still_valid_json():
+    from clients.detector.postprocess import Event
+
+    line = Event("onset", "click", 1.0, None, float("nan"), float("inf"), 1.1).to_json()
+    assert json.loads(line, parse_constant=lambda name: pytest.fail(name)) == {
+        "type": "onset", "label": "click", "onset_s": 1.0, "offset_s": None, "score": None, "latency_ms": None,
+        "emitted_s": 1.1}

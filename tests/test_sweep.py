@@ -118,5 +118,5 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials_and_writes_resul
     with pytest.raises(DataError, match="already here"):  # a finished sweep is not started over ...
         run_sweep(tiny_store, sweep_config, out, progress=False)
     changed = apply_flat(sweep_config, {"federated.rounds": 2}, "test")
-    with pytest.raises(ConfigError, match="federated.rounds was 1, now 2"):  # ... nor resumed with other settings
+    with pytest.raises(ConfigError, match="federated.rounds: 1 -> 2"):  # ... nor resumed with other settings
         run_sweep(tiny_store, changed, out, resume=True, progress=False)

@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import soundfile as sf
 import torch
 
+from fl.audio import AudioFileError, read_audio, repair_samples, to_mono
 from fl.errors import FedsoundError
 from fl.frontend import Frontend
 
 
 class AudioInputError(FedsoundError):
-    """An audio input cannot be used: a missing or unreadable file, no microphone."""
+    """An audio input cannot be used: a missing, unreadable or non-audio file, no microphone."""
 
 
 class AudioSource(Protocol):
@@ -65,17 +65,13 @@ class ArraySource:
 
 
 def read_mono(path: Path) -> tuple[np.ndarray, int]:
-    """A file's samples mixed to mono (float32) and its rate; a missing or unreadable file is an AudioInputError."""
-    path = Path(path)
-    if not path.is_file():
-        raise AudioInputError(f"audio file not found: {path}")
+    """A file's samples mixed to mono (float32) and its rate; a file :func:`fl.audio.read_audio` refuses
+    (missing, unreadable, empty, truncated, NaN or absurd samples) is an AudioInputError naming it."""
     try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)
-    except sf.SoundFileError as exc:
-        raise AudioInputError(f"cannot read audio file {path}: {exc}") from None
-    if data.shape[0] == 0:
-        raise AudioInputError(f"audio file {path} has no samples")
-    return data.mean(axis=1), int(rate)
+        wave, rate = read_audio(path)
+    except AudioFileError as exc:
+        raise AudioInputError(str(exc)) from None
+    return to_mono(wave), rate
 
 
 class FileSource(ArraySource):
@@ -103,13 +99,16 @@ class InputStreamLike(Protocol):
 
 
 class MicSource:
-    """Blocks read from an input stream (the microphone, or any stream with the same interface)."""
+    """Blocks read from an input stream (the microphone, or any stream with the same interface). Samples that are
+    not audio (NaN, infinite, far beyond full scale) are repaired (:func:`fl.audio.repair_samples`) and counted in
+    ``repaired``; buffer overflows are counted in ``overflows``."""
 
     def __init__(self, stream: InputStreamLike, sample_rate: int, block_size: int) -> None:
         self.stream = stream
         self.sample_rate = sample_rate
         self.block_size = block_size
         self.overflows = 0
+        self.repaired = 0
 
     def blocks(self) -> Iterator[np.ndarray]:
         """Read until the stream ends (an empty read) or the consumer stops; the stream is always closed."""
@@ -121,7 +120,9 @@ class MicSource:
                 data = np.asarray(data, dtype=np.float32)
                 if data.size == 0:
                     return
-                yield data.reshape(len(data), -1).mean(axis=1)
+                block, repaired = repair_samples(data.reshape(len(data), -1).mean(axis=1))
+                self.repaired += repaired
+                yield block
         finally:
             self.stream.stop()
             self.stream.close()

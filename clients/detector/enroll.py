@@ -7,6 +7,7 @@ frames above it lasting at least 30 ms carry the sound, every other frame is bac
 
 A take is rejected, with a message saying why and what to do, when it is
 
+* not audio: NaN or infinite samples, or samples far beyond full scale (:func:`fl.audio.sample_problem`);
 * silent: its peak is below -60 dBFS, no segment stands out, or the sound is less than 10 dB above the
   take's median frame energy;
 * clipped: at least 3 consecutive samples at full scale (|x| >= 0.999).
@@ -29,8 +30,10 @@ import numpy as np
 
 from clients.detector.audio_input import AudioInputError, open_input_stream, read_mono
 from clients.detector.profile import Profile, Take, check_sound_name
+from fl.audio import sample_problem
 from fl.config import PersonalizeConfig
 from fl.errors import FedsoundError
+from fl.locks import exclusive
 
 RECORD_RATE = 16000
 HOP_S = 0.010
@@ -119,6 +122,9 @@ def check_take(wave: np.ndarray, sample_rate: int, where: str, background: bool 
                ) -> list[tuple[float, float]]:
     """The take's sound segments (none for background); raises TakeRejected naming ``where`` if unusable."""
     wave = np.asarray(wave, dtype=np.float64)
+    problem = sample_problem(wave)
+    if problem:
+        raise TakeRejected(f"{where}: rejected: {problem}; the input device or file is broken")
     if wave.ndim != 1 or len(wave) < int(0.1 * sample_rate):
         raise TakeRejected(f"{where}: rejected: too short ({len(wave) / sample_rate:.2f} s; at least 0.1 s)")
     clipped = _clipped_samples(wave)
@@ -146,8 +152,9 @@ def check_take(wave: np.ndarray, sample_rate: int, where: str, background: bool 
     return segments
 
 
-def read_audio(path: Path) -> tuple[np.ndarray, int]:
-    """A file's samples mixed to mono (float32) and its rate; unreadable files raise EnrollError naming them."""
+def read_take_file(path: Path) -> tuple[np.ndarray, int]:
+    """A file's samples mixed to mono (float32) and its rate; a file that is not usable audio raises EnrollError
+    naming it."""
     try:
         return read_mono(path)
     except AudioInputError as exc:
@@ -158,7 +165,7 @@ def import_files(paths: Sequence[Path], background: bool) -> list[Take]:
     """Read and check every file (all before any is stored); the first bad one raises naming it."""
     takes = []
     for path in paths:
-        wave, rate = read_audio(path)
+        wave, rate = read_take_file(path)
         segments = check_take(wave, rate, str(path), background)
         takes.append(Take(wave, rate, segments, Path(path).name))
     return takes
@@ -256,9 +263,17 @@ def enroll(
     ``open_stream`` replaces the microphone (``(sample_rate, block_size) -> InputStream``-like); messages,
     the countdown and the level meter go to ``out`` (stderr). Returns a summary: ``added``, ``rejected``
     (reasons of takes given up), ``examples`` of this sound in the profile and ``needed`` (how many more
-    make :data:`MIN_EXAMPLES`), or ``background_seconds``.
+    make :data:`MIN_EXAMPLES`), or ``background_seconds``. The profile is locked meanwhile (``PROFILE.lock``
+    beside it): a second enroll or personalize of the same profile is refused.
     """
-    out = out or sys.stderr
+    with exclusive(Path(profile), "profile", is_dir=False):
+        return _enroll(Path(profile), sound, record, from_files, background, progress, take_seconds, open_stream,
+                       countdown_s, out or sys.stderr)
+
+
+def _enroll(profile: Path, sound: str | None, record: int | None, from_files: Sequence[Path] | None,
+            background: bool, progress: bool, take_seconds: float | None, open_stream: StreamOpener | None,
+            countdown_s: int, out: TextIO) -> dict:
     if (sound is None) == (not background):
         raise EnrollError("enroll: give either --sound NAME or --background")
     if (record is None) == (from_files is None):

@@ -229,6 +229,9 @@ def listen(source: Path, config: Config, input_: str = "mic", realtime: bool = F
     print(summary.text(), file=sys.stderr)
     if isinstance(audio, MicSource) and audio.overflows:
         print(f"warning: {audio.overflows} microphone buffer overflows (audio was lost)", file=sys.stderr)
+    if isinstance(audio, MicSource) and audio.repaired:
+        print(f"warning: {audio.repaired} microphone samples were NaN, infinite or far beyond full scale and were "
+              "replaced with silence", file=sys.stderr)
     if still_running:
         print(f"warning: {still_running} --exec commands still running", file=sys.stderr)
     return 0

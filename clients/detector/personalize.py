@@ -97,6 +97,7 @@ from clients.detector.stream import frame_probabilities
 from fl.config import CONFIG_DIR, Config, DetectorConfig, FrontendConfig, PersonalizeConfig, load_config, to_dict
 from fl.errors import FedsoundError
 from fl.frontend import Frontend, band_centres_hz
+from fl.locks import exclusive
 from fl.models import TCN
 
 DEFAULT_SETTINGS = CONFIG_DIR / "detector" / "personalize.toml"
@@ -682,8 +683,14 @@ def personalize(profile: Path, bundle: Path | None, config: Config, progress: bo
 
     ``bundle`` None reuses the global bundle the profile was last personalized from. ``settings`` default to
     ``config.personalize``; ``config.seed`` seeds everything. Returns the report (see the
-    module docstring); :func:`format_report` renders it.
+    module docstring); :func:`format_report` renders it. The profile is locked meanwhile (``PROFILE.lock``).
     """
+    with exclusive(Path(profile), "profile", is_dir=False):
+        return _personalize(Path(profile), bundle, config, progress, settings)
+
+
+def _personalize(profile: Path, bundle: Path | None, config: Config, progress: bool,
+                 settings: PersonalizeConfig | None) -> dict:
     started = time.perf_counter()
     settings = settings or config.personalize
     store = Profile.load(Path(profile))

@@ -36,7 +36,6 @@ was emitted minus ``onset_s``.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -46,6 +45,7 @@ import numpy as np
 
 from fl.config import DetectorConfig
 from fl.errors import ConfigError
+from fl.jsonfile import dumps, finite
 
 _IDLE, _PENDING, _ACTIVE, _SUPPRESSED = 0, 1, 2, 3
 BASE_MS = (80.0, 20.0)  # the onset check's reference level: the frames from this long before the onset to this
@@ -64,18 +64,16 @@ class Event:
     emitted_s: float  # audio time at which this line was emitted
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict with times rounded to 0.1 ms and the score to 4 decimals."""
-        data = asdict(self)
-        for key in ("onset_s", "offset_s", "emitted_s"):
+        """Plain dict with times rounded to 0.1 ms and the score to 4 decimals; a non-finite number becomes None."""
+        data = finite(asdict(self))
+        for key, digits in (("onset_s", 4), ("offset_s", 4), ("emitted_s", 4), ("score", 4), ("latency_ms", 1)):
             if data[key] is not None:
-                data[key] = round(data[key], 4)
-        data["score"] = round(data["score"], 4)
-        data["latency_ms"] = round(data["latency_ms"], 1)
+                data[key] = round(data[key], digits)
         return data
 
     def to_json(self) -> str:
-        """The event as one JSON line (no newline)."""
-        return json.dumps(self.to_dict())
+        """The event as one line of strict JSON (no NaN or Infinity; no newline)."""
+        return dumps(self.to_dict())
 
 
 def _known_labels(labels: Sequence[str], overrides: dict[str, Any], key: str) -> dict[str, int]:
