@@ -386,6 +386,7 @@ class _Interrupts:
     def __init__(self) -> None:
         self.received: int | None = None
         self.previous: dict[int, object] = {}
+        self.owner = os.getpid()
 
     def __enter__(self) -> _Interrupts:
         if threading.current_thread() is threading.main_thread():
@@ -398,6 +399,12 @@ class _Interrupts:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
+        if os.getpid() != self.owner:  # a forked worker (prep's pool) keeps Python's defaults
+            if signum == signal.SIGTERM:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            raise KeyboardInterrupt
         if self.received is not None:
             os.write(2, b"interrupted again: exiting now\n")
             os._exit(128 + signum)

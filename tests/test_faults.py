@@ -116,6 +116,13 @@ def test_a_signal_stops_training_cleanly_and_the_run_resumes(tiny_store: Path, t
         pass
 
 
+def test_worker_processes_keep_the_default_signal_handling(tiny_store: Path, tmp_path: Path) -> None:
+    """prep's pool stops its forked workers with SIGTERM: they end quietly, not with the CLI's handler."""
+    result = fedsound("data", "prep", str(tiny_store.parent / "fsd"), str(tmp_path / "store.h5"), "--workers", "2",
+                      "--workdir", str(tmp_path / "w"), "-q")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+
+
 @pytest.mark.slow
 def test_sigterm_stops_a_simulation_and_the_run_resumes(tiny_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
