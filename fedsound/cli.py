@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fl import jsonfile
 from fl.config import CONFIG_DIR, Config, load_config
-from fl.errors import FedsoundError
+from fl.errors import ConfigError, FedsoundError
 
 
 def _config(args: argparse.Namespace, overrides: dict | None = None) -> Config:
@@ -179,11 +179,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
+    if args.list_devices:
+        from clients.detector.audio_input import format_devices, list_input_devices
+
+        print(format_devices(list_input_devices()))
+        return 0
+    if args.source is None:
+        raise ConfigError("listen: give a PROFILE or BUNDLE to listen with (or --list-devices)")
     from clients.detector.listen import listen
 
     config = _config(args)
+    device = int(args.device) if args.device is not None and args.device.isdigit() else args.device
     return listen(Path(args.source), config, input_=args.input, realtime=args.realtime, as_json=args.json,
-                  exec_map=args.exec or [])
+                  exec_map=args.exec or [], device=device)
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -356,8 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", default=None, help="global detector bundle (default: the one used last time)")
 
     p = add("listen", cmd_listen, "streaming detection from microphone or file; events as JSON lines", seed=False)
-    p.add_argument("source", metavar="PROFILE-or-BUNDLE")
+    p.add_argument("source", metavar="PROFILE-or-BUNDLE", nargs="?")
     p.add_argument("--input", default="mic", help="'mic' or an audio file")
+    p.add_argument("--device", default=None, metavar="N-or-NAME",
+                   help="input device (index or name; default: the system's default input), at its native rate")
+    p.add_argument("--list-devices", action="store_true", help="list input devices with their native rates")
     p.add_argument("--realtime", action="store_true", help="pace a file at real time")
     p.add_argument("--json", action="store_true", help="events as JSON lines only")
     p.add_argument("--exec", action="append", metavar="LABEL=COMMAND", help="run COMMAND on each LABEL event")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from clients.detector.audio_input import MicSource
 from clients.detector.enroll import (
     MIN_EXAMPLES,
     EnrollError,
@@ -188,7 +189,7 @@ def test_recording_guides_and_retries_a_silent_take(tmp_path, capsys):
         assert rate == RATE
         stream = MemoryStream(takes[len(opened) - 1] if opened else np.zeros(0))  # the first one is a probe
         opened.append(stream)
-        return stream
+        return MicSource(stream, rate, block)
 
     summary = enroll(tmp_path / "me", sound="hum", record=2, open_stream=open_stream, countdown_s=0,
                      progress=True, out=sys.stderr)
@@ -236,9 +237,27 @@ def test_a_recorded_take_that_is_not_audio_is_rejected_and_asked_again(tmp_path,
     def open_stream(rate, block):
         stream = MemoryStream(takes[len(opened) - 1] if opened else np.zeros(0))
         opened.append(stream)
-        return stream
+        return MicSource(stream, rate, block)
 
     summary = enroll(tmp_path / "me", sound="hum", record=1, open_stream=open_stream, countdown_s=0,
                      progress=True, out=sys.stderr)
     err = capsys.readouterr().err
-    assert summary["added"] == 1 and "rejected: NaN or inf samples" in err and "attempt 2 of 3" in err
+    assert summary["added"] == 1 and "rejected: 10 samples were NaN" in err and "attempt 2 of 3" in err
+
+
+def test_recording_from_a_device_at_its_own_rate_stores_the_take_at_the_recording_rate(tmp_path):
+    """A 48 kHz microphone is read at 48 kHz and resampled on the fly: the stored take is the 16 kHz sound."""
+    from scipy.signal import resample_poly
+
+    take = enrollment_take("pop", make_voice(4), 0).wave
+    native = resample_poly(take, 3, 1).astype(np.float32)  # what a 48 kHz device hears
+    streams = []
+
+    def open_stream(rate, block):
+        streams.append(MemoryStream(native if streams else np.zeros(0)))
+        return MicSource(streams[-1], rate, block, device_rate=48000)
+
+    enroll(tmp_path / "me", sound="pop", record=1, open_stream=open_stream, countdown_s=0, progress=False)
+    stored, rate = Profile.load(tmp_path / "me").read(Profile.load(tmp_path / "me").sounds["pop"][0])
+    assert rate == RATE and len(stored) == len(take)
+    assert np.max(np.abs(stored - take)) < 0.02  # resampled twice, stored as 16-bit PCM

@@ -7,7 +7,7 @@ import torchaudio
 from fsd_tree import tone
 
 from fl.config import CONFIG_DIR, FrontendConfig, load_config
-from fl.frontend import DecimatingResampler, Frontend, cut_patches, n_segments, patch_frame_indices
+from fl.frontend import DecimatingResampler, Frontend, StreamingResampler, cut_patches, n_segments, patch_frame_indices
 
 CONFIG = FrontendConfig()
 PATCH, HOP = 101, 50
@@ -177,3 +177,22 @@ def test_the_shortest_waveform_is_min_samples_for_the_frontend_and_for_prep():
         Frontend(CONFIG).frames(np.ones(n - 1, np.float32), CONFIG.sample_rate)
     with pytest.raises(ClipError, match=f"needs at least {n} samples"):
         _check_length(n - 1, CONFIG.sample_rate, CONFIG)
+
+
+@pytest.mark.parametrize(("orig", "new"), [(44100, 16000), (48000, 16000), (44100, 22050), (48000, 22050),
+                                           (16000, 16000 * 3)])
+def test_streaming_resampler_equals_the_offline_resampler_for_any_blocks(orig: int, new: int) -> None:
+    """A microphone at its own rate, resampled block by block, gives the offline frontend's samples."""
+    rng = np.random.default_rng(orig + new)
+    wave = (0.3 * rng.standard_normal(orig + 777)).astype(np.float32)
+    config = FrontendConfig(sample_rate=new, n_fft=400, hop_length=160, n_mels=32)
+    offline = Frontend(config).resample(torch.from_numpy(wave), orig).numpy()
+    stream = StreamingResampler(orig, new)
+    pieces, start = [], 0
+    for size in rng.integers(1, 3000, size=100):
+        pieces.append(stream.process(wave[start : start + size]))
+        start += size
+    pieces.append(stream.flush())
+    streamed = np.concatenate(pieces)
+    assert streamed.shape == offline.shape
+    np.testing.assert_allclose(streamed, offline, atol=1e-6)

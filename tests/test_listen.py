@@ -4,6 +4,7 @@ microphone path through the same code with an in-memory input stream, --exec, Ct
 import json
 import shlex
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from clients.detector.listen import (
     run_detector,
 )
 from clients.detector.stream import StreamingDetector, single_thread
+from fedsound.cli import main as cli_main
 from fl.config import Config, DetectorConfig, FrontendConfig, to_dict
 from fl.frontend import Frontend
 from fl.model_io import save_model
@@ -123,7 +125,7 @@ def test_file_and_microphone_paths_give_the_same_events(setup, capsys, monkeypat
     assert len(from_file.events) == 2 * len(test.events)
     # and `listen --input mic` itself, with the microphone replaced by the in-memory stream
     monkeypatch.setattr(listen_module, "open_microphone",
-                        lambda rate, block: MicSource(MemoryInputStream(samples), rate, block))
+                        lambda rate, block, device=None: MicSource(MemoryInputStream(samples), rate, block))
     assert listen(bundle_path, Config(), input_="mic", as_json=True) == 0
     assert json_events(capsys.readouterr().out) == [e.to_dict() for e in from_file.events]
 
@@ -139,7 +141,7 @@ def test_ctrl_c_stops_cleanly_with_a_summary(setup, capsys, monkeypatch):
     assert sum(summary.onsets_per_label.values()) == expected
     assert all(e.onset_s < 3.0 for e in summary.events)
     monkeypatch.setattr(listen_module, "open_microphone",
-                        lambda rate, block: MicSource(MemoryInputStream(samples, 300), rate, block))
+                        lambda rate, block, device=None: MicSource(MemoryInputStream(samples, 300), rate, block))
     assert listen(bundle_path, Config(), input_="mic") == 0
     assert "interrupted: " in capsys.readouterr().err
 
@@ -234,7 +236,7 @@ def test_non_finite_live_input_is_repaired_and_counted_and_json_stays_valid(setu
     samples[quiet[4]] = 1e30
     sources = []
 
-    def broken_microphone(rate, block):
+    def broken_microphone(rate, block, device=None):
         sources.append(MicSource(MemoryInputStream(samples), rate, block))
         return sources[-1]
 
@@ -255,3 +257,79 @@ def test_an_event_with_a_non_finite_score_is_still_valid_json():
     assert json.loads(line, parse_constant=lambda name: pytest.fail(name)) == {
         "type": "onset", "label": "click", "onset_s": 1.0, "offset_s": None, "score": None, "latency_ms": None,
         "emitted_s": 1.1}
+
+
+class FakeSoundDevice(types.ModuleType):
+    """A stand-in for the sounddevice module: two inputs at their own native rates, which refuse any other rate
+    (as ALSA hardware devices do), and an output; each input 'hears' ``heard[rate]``."""
+
+    class PortAudioError(Exception):
+        pass
+
+    def __init__(self, heard: dict[int, np.ndarray]) -> None:
+        super().__init__("sounddevice")
+        self.heard = heard
+        self.devices = [
+            {"name": "Built-in mic (hw:0,0)", "hostapi": 0, "max_input_channels": 2, "default_samplerate": 44100.0},
+            {"name": "USB mic (hw:1,0)", "hostapi": 0, "max_input_channels": 1, "default_samplerate": 48000.0},
+            {"name": "speakers", "hostapi": 0, "max_input_channels": 0, "default_samplerate": 48000.0},
+        ]
+        self.default = types.SimpleNamespace(device=[1, 2])
+        self.opened: list[int] = []
+
+    def query_hostapis(self):
+        return [{"name": "ALSA"}]
+
+    def query_devices(self, device=None, kind=None):
+        if kind is None:
+            return self.devices
+        index = self.default.device[0] if device is None else device
+        if not isinstance(index, int) or not 0 <= index < len(self.devices):
+            raise ValueError(f"No input device matching {device!r}")
+        return self.devices[index]
+
+    def check_input_settings(self, device=None, channels=1, dtype="float32", samplerate=None):
+        native = self.query_devices(device, "input")["default_samplerate"]
+        if samplerate != native:
+            raise self.PortAudioError(f"Invalid sample rate [PaErrorCode -9997] ({samplerate} Hz)")
+
+    def InputStream(self, samplerate, blocksize, device, channels, dtype):  # noqa: N802 (sounddevice's name)
+        self.opened.append(samplerate)
+        return MemoryInputStream(self.heard[samplerate])
+
+
+def test_list_devices_shows_inputs_with_their_native_rates(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sounddevice", FakeSoundDevice({}))
+    assert cli_main(["listen", "--list-devices"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["    0  Built-in mic (hw:0,0)  (ALSA, 2 ch, 44100 Hz)",
+                     "*   1  USB mic (hw:1,0)  (ALSA, 1 ch, 48000 Hz)"]
+
+
+@pytest.mark.parametrize(("device", "rate"), [(0, 44100), (1, 48000), (None, 48000)])
+def test_a_microphone_at_its_native_rate_gives_the_files_events(setup, monkeypatch, capsys, device, rate):
+    """The device is opened at its own rate (it refuses the model's 16 kHz) and resampled on the fly; the events
+    equal those of the same audio read from a file at that rate and resampled offline."""
+    bundle_path, wav, test = setup
+    samples, file_rate = sf.read(wav, dtype="float32")
+    native = resample_poly(samples, rate // 100, file_rate // 100).astype(np.float32)
+    fake = FakeSoundDevice({rate: native})
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    assert listen(bundle_path, Config(), input_="mic", as_json=True, device=device) == 0
+    from_mic = json_events(capsys.readouterr().out)
+    assert fake.opened == [rate]
+    at_rate = wav.with_name(f"test-{rate}.wav")
+    sf.write(at_rate, native, rate, subtype="FLOAT")
+    assert listen(bundle_path, Config(), input_=str(at_rate), as_json=True) == 0
+    from_file = json_events(capsys.readouterr().out)
+    assert [(e["type"], e["label"], e["onset_s"]) for e in from_mic] == [
+        (e["type"], e["label"], e["onset_s"]) for e in from_file]
+    assert [e["score"] for e in from_mic] == pytest.approx([e["score"] for e in from_file], abs=1e-3)
+    assert len([e for e in from_mic if e["type"] == "onset"]) == len(test.events)
+
+
+def test_an_unknown_device_is_a_one_line_error(setup, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sounddevice", FakeSoundDevice({}))
+    with pytest.raises(AudioInputError, match="no such input device 7") as info:
+        listen(setup[0], Config(), input_="mic", device=7)
+    assert "\n" not in str(info.value)

@@ -24,11 +24,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import TextIO
 
 import numpy as np
 
-from clients.detector.audio_input import AudioInputError, open_input_stream, read_mono
+from clients.detector.audio_input import AudioInputError, MicSource, open_input_stream, read_mono
 from clients.detector.profile import Profile, Take, check_sound_name
 from fl.audio import sample_problem
 from fl.config import PersonalizeConfig
@@ -59,19 +59,7 @@ class TakeRejected(EnrollError):
     """A take is silent or clipped; the message says which and what to do."""
 
 
-class InputStreamLike(Protocol):
-    """The part of ``sounddevice.InputStream`` used for recording."""
-
-    def start(self) -> None: ...
-
-    def read(self, frames: int) -> tuple[np.ndarray, bool]: ...
-
-    def stop(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-StreamOpener = Callable[[int, int], InputStreamLike]  # (sample_rate, block_size) -> a stream
+StreamOpener = Callable[[int, int], MicSource]  # (sample_rate, block_size) -> blocks at sample_rate
 
 
 def frame_energy_db(wave: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -171,12 +159,14 @@ def import_files(paths: Sequence[Path], background: bool) -> list[Take]:
     return takes
 
 
-def open_microphone(sample_rate: int, block_size: int) -> InputStreamLike:
-    """The default input device, mono float32; a one-line error when sounddevice or a device is missing."""
+def open_microphone(sample_rate: int, block_size: int) -> MicSource:
+    """The default input device at its native rate, resampled to ``sample_rate``; a one-line error when
+    sounddevice or a device is missing."""
     try:
-        return open_input_stream(sample_rate, block_size, alternative="import WAV files with --from-files")
+        stream, rate = open_input_stream(block_size / sample_rate, alternative="import WAV files with --from-files")
     except AudioInputError as exc:
         raise EnrollError(str(exc)) from None
+    return MicSource(stream, sample_rate, block_size, device_rate=rate)
 
 
 def _meter(block: np.ndarray) -> str:
@@ -189,31 +179,30 @@ def _meter(block: np.ndarray) -> str:
 
 def record_take(open_stream: StreamOpener, seconds: float, sample_rate: int, out: TextIO, meter: bool
                 ) -> np.ndarray:
-    """Record ``seconds`` of mono audio, drawing a level meter on ``out`` every 100 ms when ``meter``."""
-    block = int(0.1 * sample_rate)
+    """Record ``seconds`` of mono audio, drawing a level meter on ``out`` every 100 ms when ``meter``; a take in
+    which the input delivered samples that are not audio is rejected (TakeRejected)."""
     wanted = int(seconds * sample_rate)
-    stream = open_stream(sample_rate, block)
+    source = open_stream(sample_rate, int(0.1 * sample_rate))
+    blocks = source.blocks()
     parts: list[np.ndarray] = []
     got = 0
-    stream.start()
     try:
-        while got < wanted:
-            data, _overflowed = stream.read(min(block, wanted - got))
-            data = np.asarray(data, dtype=np.float32)
-            if not data.size:
-                break
-            mono = data.reshape(len(data), -1).mean(axis=1)
-            parts.append(mono)
-            got += len(mono)
+        for block in blocks:
+            parts.append(block[: wanted - got])
+            got += len(parts[-1])
             if meter:
-                print(_meter(mono), end="", file=out, flush=True)
+                print(_meter(parts[-1]), end="", file=out, flush=True)
+            if got >= wanted:
+                break
     finally:
-        stream.stop()
-        stream.close()
+        blocks.close()  # stops and closes the input stream
     if meter:
         print(file=out)
     if got < wanted:
         raise EnrollError(f"the microphone stream ended after {got / sample_rate:.2f} s of {seconds:.2f} s")
+    if source.repaired:
+        raise TakeRejected(f"rejected: {source.repaired} samples were NaN, infinite or far beyond full scale; the "
+                           "input device is broken")
     return np.concatenate(parts)
 
 
@@ -231,8 +220,8 @@ def record_takes(count: int, seconds: float, open_stream: StreamOpener, backgrou
                 print(f" {tick}", end="", file=out, flush=True)
                 time.sleep(1.0)
             print(" - now", file=out, flush=True)
-            wave = record_take(open_stream, seconds, RECORD_RATE, out, meter=progress)
             try:
+                wave = record_take(open_stream, seconds, RECORD_RATE, out, meter=progress)
                 segments = check_take(wave, RECORD_RATE, f"take {number}", background)
             except TakeRejected as exc:
                 print(f"warning: {exc}", file=out, flush=True)
@@ -287,7 +276,7 @@ def _enroll(profile: Path, sound: str | None, record: int | None, from_files: Se
             raise EnrollError(f"--record: number of takes must be at least 1, got {record}")
         seconds = take_seconds or (BACKGROUND_TAKE_S if background else SOUND_TAKE_S)
         opener = open_stream or open_microphone
-        opener(RECORD_RATE, int(0.1 * RECORD_RATE)).close()  # fail before the countdown when there is no mic
+        opener(RECORD_RATE, int(0.1 * RECORD_RATE)).stream.close()  # fail before the countdown when there is no mic
         takes, given_up = record_takes(record, seconds, opener, background, out, countdown_s, progress, what)
     else:
         if not from_files:

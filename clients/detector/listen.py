@@ -198,8 +198,10 @@ def _print_event(event: Event, as_json: bool) -> None:
 
 
 def listen(source: Path, config: Config, input_: str = "mic", realtime: bool = False, as_json: bool = False,
-           exec_map: Sequence[str] = ()) -> int:
-    """``fedsound listen``: load the bundle (or ``PROFILE/personal``), stream ``input_`` ("mic" or a file)."""
+           exec_map: Sequence[str] = (), device: int | str | None = None) -> int:
+    """``fedsound listen``: load the bundle (or ``PROFILE/personal``), stream ``input_`` ("mic" or a file).
+    ``device``: the input device (index or name, see :func:`clients.detector.audio_input.list_input_devices`;
+    default: the system's default input), opened at its native rate."""
     bundle = load_bundle(Path(source))
     settings = detector_settings(bundle.detector, config.detector)
     commands = parse_exec_map(exec_map, bundle.labels)
@@ -207,7 +209,7 @@ def listen(source: Path, config: Config, input_: str = "mic", realtime: bool = F
     detector = StreamingDetector(bundle.model, frontend, bundle.labels, settings)
     audio: AudioSource
     if input_ == "mic":
-        audio = open_microphone(frontend.config.sample_rate, settings.block_size)
+        audio = open_microphone(frontend.config.sample_rate, settings.block_size, device)
     else:
         audio = FileSource(Path(input_), frontend, settings.block_size, realtime=realtime)
     runner = CommandRunner(commands)
@@ -221,9 +223,11 @@ def listen(source: Path, config: Config, input_: str = "mic", realtime: bool = F
         runner(event)
 
     if not as_json:
-        print(f"listening to {'the microphone' if input_ == 'mic' else input_} with {bundle.path} "
-              f"({len(bundle.labels)} labels, algorithmic latency {detector.algorithmic_latency_ms:.0f} ms)",
-              file=sys.stderr)
+        heard = input_ if input_ != "mic" else (f"the microphone at {audio.device_rate} Hz" +
+                                                 (f", resampled to {audio.sample_rate} Hz"
+                                                  if audio.device_rate != audio.sample_rate else ""))
+        print(f"listening to {heard} with {bundle.path} ({len(bundle.labels)} labels, algorithmic latency "
+              f"{detector.algorithmic_latency_ms:.0f} ms)", file=sys.stderr)
     summary = run_detector(detector, audio, on_event)
     still_running = runner.wait()
     print(summary.text(), file=sys.stderr)
