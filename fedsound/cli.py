@@ -173,7 +173,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     config = _config(args)
     patches = DEFAULT_BACKGROUND_PATCHES if args.background_patches is None else args.background_patches
     path = export_bundle(Path(args.model), Path(args.bundle), config, store=Path(args.store) if args.store else None,
-                         background_patches=patches, exclude_labels=args.exclude_labels)
+                         background_patches=patches, exclude_labels=args.exclude_labels, portable=args.onnx)
     print(f"detector bundle: {path}")
     return 0
 
@@ -191,7 +191,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     config = _config(args)
     device = int(args.device) if args.device is not None and args.device.isdigit() else args.device
     return listen(Path(args.source), config, input_=args.input, realtime=args.realtime, as_json=args.json,
-                  exec_map=args.exec or [], device=device)
+                  exec_map=args.exec or [], device=device, engine=args.engine)
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -348,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="feature store to take background patches from")
     p.add_argument("--background-patches", type=int, default=None,
                    help="train patches to carry as aggressors for personalization (default 128; at most 4 MB)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write the portable detector: the streaming step as ONNX and the frontend's arrays")
     p.add_argument("--exclude-labels", nargs="+", default=[], metavar="LABEL",
                    help="leave out patches of clips with these labels (sounds users may choose as triggers)")
 
@@ -369,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, metavar="N-or-NAME",
                    help="input device (index or name; default: the system's default input), at its native rate")
     p.add_argument("--list-devices", action="store_true", help="list input devices with their native rates")
+    p.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
+                   help="torch, or onnx: the bundle's portable files (numpy + onnxruntime); auto: torch if installed")
     p.add_argument("--realtime", action="store_true", help="pace a file at real time")
     p.add_argument("--json", action="store_true", help="events as JSON lines only")
     p.add_argument("--exec", action="append", metavar="LABEL=COMMAND", help="run COMMAND on each LABEL event")

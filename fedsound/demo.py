@@ -41,13 +41,13 @@ def _listen(bundle: Path, wav: Path, config):
     from clients.detector.audio_input import FileSource
     from clients.detector.bundle import load_bundle
     from clients.detector.listen import detector_settings, run_detector
-    from clients.detector.stream import StreamingDetector
+    from clients.detector.torch_stream import torch_detector
 
     loaded = load_bundle(bundle)
     settings = detector_settings(loaded.detector, config.detector)
     frontend = loaded.frontend()
-    detector = StreamingDetector(loaded.model, frontend, loaded.labels, settings)
-    summary = run_detector(detector, FileSource(wav, frontend, settings.block_size))
+    detector = torch_detector(loaded.model, frontend, loaded.labels, settings)
+    summary = run_detector(detector, FileSource(wav, frontend.config.sample_rate, settings.block_size))
     return [e for e in summary.events if e.type == "onset"], detector.algorithmic_latency_ms
 
 

@@ -20,6 +20,7 @@ import torch
 import torchaudio
 
 from fl.config import FrontendConfig
+from fl.dsp import levels_db
 
 
 class DecimatingResampler:
@@ -57,53 +58,6 @@ class DecimatingResampler:
             block = phases[None, :, start : start + self.BLOCK + self.taps - 1]
             out[start : start + self.BLOCK] = torch.nn.functional.conv1d(block, self.kernel)[0, 0]
         return out[:n_out]
-
-
-class StreamingResampler:
-    """torchaudio's ``Resample(orig, new)`` on a stream that arrives in blocks of any size: :meth:`process` returns
-    each output sample as soon as the input it needs has arrived, :meth:`flush` the rest at the end. The
-    concatenated output equals :meth:`Frontend.resample` of the whole signal up to float rounding.
-
-    torchaudio pads the signal with ``width`` zeros before and ``width + orig`` after it (rates divided by their
-    gcd) and convolves it at stride ``orig`` with ``new`` filters of ``2 * width + orig`` taps, one per output phase;
-    output group ``j`` reads padded samples ``[j * orig, j * orig + taps)``. The stream keeps the padded samples
-    not yet consumed and computes every complete group of each block in one convolution.
-    """
-
-    def __init__(self, orig_freq: int, new_freq: int) -> None:
-        reference = torchaudio.transforms.Resample(orig_freq, new_freq)
-        gcd = math.gcd(int(orig_freq), int(new_freq))
-        self.orig, self.new, self.width = orig_freq // gcd, new_freq // gcd, reference.width
-        self.kernel = reference.kernel.to(torch.float32)  # [new, 1, taps]
-        self.taps = self.kernel.shape[-1]
-        self.pending = torch.zeros(self.width)  # padded input from the next output group's first sample on
-        self.received = self.emitted = 0
-
-    def _groups(self) -> torch.Tensor:
-        count = (len(self.pending) - self.taps) // self.orig + 1 if len(self.pending) >= self.taps else 0
-        if count <= 0:
-            return torch.zeros(0)
-        used = self.pending[: (count - 1) * self.orig + self.taps]
-        out = torch.nn.functional.conv1d(used[None, None], self.kernel, stride=self.orig)[0].T.reshape(-1)
-        self.pending = self.pending[count * self.orig :]
-        return out
-
-    @torch.inference_mode()
-    def process(self, block: np.ndarray) -> np.ndarray:
-        """The resampled samples that ``block`` (mono float) completes."""
-        self.received += len(block)
-        self.pending = torch.cat((self.pending, torch.as_tensor(np.asarray(block, dtype=np.float32))))
-        out = self._groups()
-        self.emitted += len(out)
-        return out.numpy()
-
-    @torch.inference_mode()
-    def flush(self) -> np.ndarray:
-        """The remaining samples, after the stream's end (the same zero padding as the offline path)."""
-        self.pending = torch.cat((self.pending, torch.zeros(self.width + self.orig)))
-        out = self._groups()
-        total = math.ceil(self.new * self.received / self.orig)
-        return out[: max(0, total - self.emitted)].numpy()
 
 
 def _top_hz(config: FrontendConfig) -> float:
@@ -164,10 +118,7 @@ class Frontend:
 
     def levels_db(self, frames: np.ndarray) -> np.ndarray:
         """Frames ``[n, n_mels]`` of this frontend -> each frame's level in dB (10 log10 of its summed mel power)."""
-        power = np.asarray(frames, dtype=np.float64)
-        if self.config.scale == "log":
-            power = np.exp(power)
-        return (10.0 * np.log10(power.sum(axis=1) + self.config.log_floor)).astype(np.float32)
+        return levels_db(frames, self.config.scale == "log", self.config.log_floor)
 
     def segment_frames(self, segments: torch.Tensor) -> torch.Tensor:
         """Signal segments ``[count, n_fft]`` (one per frame, unwindowed) -> frames ``[count, n_mels]``."""

@@ -9,66 +9,18 @@
   ``forward`` on the same frames.
 * :class:`VGGLike`: the small VGG-like baseline of the FSD50K paper, for 1-s patches of 101 frames.
 
-Importable without Flower or Ray (torch only).
+Importable without Flower or Ray (torch only); :class:`fl.config.ModelConfig` describes the architecture.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MODEL_NAMES = ("tcn", "vgg")
-POOLINGS = ("mean", "max", "lse")
-
-
-def _check(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ValueError(f"{key}: {message}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of the model (TOML table ``[model]``, kebab-case keys).
-
-    The TCN uses every field. The VGG-like baseline has a fixed architecture (the paper's) and uses only
-    ``dropout`` (before its classifier); its clip pooling is its own global pooling.
-    """
-
-    name: str = "tcn"  # "tcn" | "vgg"
-    channels: int = 64  # TCN width (paper-sized variant: 256)
-    kernel_size: int = 5
-    # One residual block per dilation. With the kernel-5 input projection the receptive field is
-    # 1 + 4 + 4 * (1 + 2 + 3) = 29 frames (290 ms), close to Lea et al.'s ~26 frames / 300 ms.
-    dilations: tuple[int, ...] = (1, 2, 3)
-    dropout: float = 0.1
-    # Per-frame logits -> clip logits. "lse" (log-mean-exp) lies between mean and max: a clip label is
-    # carried by the frames where the sound is, which also keeps the per-frame logits usable for detection.
-    pooling: str = "lse"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.dilations, list):  # TOML and JSON give lists
-            object.__setattr__(self, "dilations", tuple(self.dilations))
-        _check(self.name in MODEL_NAMES, "name",
-               f"must be one of {', '.join(MODEL_NAMES)}, got {self.name!r}")
-        _check(_is_int(self.channels) and self.channels >= 1, "channels",
-               f"must be a positive integer, got {self.channels!r}")
-        _check(_is_int(self.kernel_size) and self.kernel_size >= 1, "kernel-size",
-               f"must be a positive integer, got {self.kernel_size!r}")
-        _check(isinstance(self.dilations, tuple) and len(self.dilations) >= 1
-               and all(_is_int(d) and d >= 1 for d in self.dilations), "dilations",
-               f"must be a non-empty list of positive integers, got {self.dilations!r}")
-        _check(isinstance(self.dropout, int | float) and not isinstance(self.dropout, bool)
-               and 0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout!r}")
-        _check(self.pooling in POOLINGS, "pooling",
-               f"must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+from fl.config import POOLINGS, ModelConfig
 
 
 def pool_frames(frame_logits: Tensor, pooling: str) -> Tensor:
@@ -262,9 +214,9 @@ class VGGLike(nn.Module):
 
 def build_model(cfg: ModelConfig, n_mels: int, n_classes: int) -> nn.Module:
     """The model named by ``cfg.name`` for ``n_mels`` input bands and ``n_classes`` outputs."""
-    _check(_is_int(n_mels) and n_mels >= 1, "n-mels", f"must be a positive integer, got {n_mels!r}")
-    _check(_is_int(n_classes) and n_classes >= 1, "n-classes",
-           f"must be a positive integer, got {n_classes!r}")
+    for key, value in (("n-mels", n_mels), ("n-classes", n_classes)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"{key}: must be a positive integer, got {value!r}")
     if cfg.name == "tcn":
         return TCN(cfg, n_mels, n_classes)
     return VGGLike(cfg, n_mels, n_classes)

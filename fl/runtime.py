@@ -6,8 +6,10 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("fedsound")
 
@@ -45,6 +47,8 @@ def configure_logging(verbosity: int) -> None:
 
 def pick_device(setting: str = "auto") -> torch.device:
     """``auto`` uses a GPU when one is present; ``cuda`` without a GPU is a clear error."""
+    import torch
+
     if setting == "cuda" and not torch.cuda.is_available():
         from fl.errors import ConfigError
 

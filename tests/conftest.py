@@ -13,6 +13,8 @@ from fl.config import Config, FrontendConfig, load_config
 TINY_CLIPS = 60
 TINY_UPLOADERS = 10
 TINY_CLASSES = 5
+EVENT_FRONTEND = FrontendConfig(sample_rate=16000, n_fft=400, hop_length=160, n_mels=32, patch_frames=50,
+                               patch_hop=25)
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +42,28 @@ def tiny_config() -> Config:
         "federated.min-clients": 2,
         "federated.local-epochs": 1,
     })
+
+
+@pytest.fixture(scope="session")
+def event_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``model.pt`` of a 16-channel TCN trained for 100 steps on 40 s of synthetic clicks and whistles (16 kHz,
+    32 bands), with its labels and frontend: the model the listening tests export."""
+    import numpy as np
+
+    from benchmarks.stream.bench import LABELS, frame_targets, synthetic_event_stream, train_event_model
+    from clients.detector.torch_stream import single_thread
+    from fl.config import to_dict
+    from fl.frontend import Frontend
+    from fl.model_io import save_model
+    from fl.models import ModelConfig
+
+    path = tmp_path_factory.mktemp("event_model") / "model.pt"
+    with single_thread():
+        frontend = Frontend(EVENT_FRONTEND)
+        train = synthetic_event_stream(40.0, EVENT_FRONTEND.sample_rate, np.random.default_rng(1))
+        frames = frontend.frames(train.wave, EVENT_FRONTEND.sample_rate)
+        model = train_event_model(frames, frame_targets(train, EVENT_FRONTEND, len(frames)),
+                                  ModelConfig(channels=16, dropout=0.0), steps=100, seed=0)
+    save_model(path, model, {"labels": list(LABELS), "mids": ["/t/click", "/t/whistle"],
+                             "frontend": to_dict(EVENT_FRONTEND)})
+    return path

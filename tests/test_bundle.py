@@ -8,17 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from clients.detector.bundle import (
-    BACKGROUND,
-    BACKGROUND_LABELS,
-    MANIFEST,
-    MAX_BACKGROUND_BYTES,
-    WEIGHTS,
-    BundleError,
-    export_bundle,
-    load_bundle,
-    resolve_bundle,
-)
+from clients.detector.bundle import MAX_BACKGROUND_BYTES, export_bundle, load_bundle
+from clients.detector.manifest import BACKGROUND, BACKGROUND_LABELS, MANIFEST, WEIGHTS, BundleError, resolve_bundle
 from fl.config import Config, DetectorConfig, to_dict
 from fl.errors import ConfigError, FedsoundError
 from fl.model_io import save_model

@@ -4,11 +4,14 @@ both nodes, and give the weights of a single-machine run with the same seed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -51,7 +54,35 @@ def cluster(tmp_path_factory):
              "--node-ip-address=127.0.0.1", env=env)
         yield address
     finally:
-        subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(temp, address)
+
+
+def _stop_cluster(temp: str, address: str) -> None:
+    """End this cluster's processes only (``ray stop`` would end every Ray on the machine): those whose command
+    line names its temporary folder or its address."""
+    ours = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if entry.name.isdigit() and int(entry.name) != os.getpid() and (temp in command or address in command):
+            ours.append(int(entry.name))
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ours:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        deadline = time.monotonic() + 15
+        while signum == signal.SIGTERM and time.monotonic() < deadline and any(_alive(pid) for pid in ours):
+            time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _actor_nodes(address: str, class_name: str) -> set[str]:

@@ -7,7 +7,8 @@ import torchaudio
 from fsd_tree import tone
 
 from fl.config import CONFIG_DIR, FrontendConfig, load_config
-from fl.frontend import DecimatingResampler, Frontend, StreamingResampler, cut_patches, n_segments, patch_frame_indices
+from fl.dsp import StreamingResampler, sinc_resample_kernel
+from fl.frontend import DecimatingResampler, Frontend, cut_patches, n_segments, patch_frame_indices
 
 CONFIG = FrontendConfig()
 PATCH, HOP = 101, 50
@@ -196,3 +197,11 @@ def test_streaming_resampler_equals_the_offline_resampler_for_any_blocks(orig: i
     streamed = np.concatenate(pieces)
     assert streamed.shape == offline.shape
     np.testing.assert_allclose(streamed, offline, atol=1e-6)
+
+
+@pytest.mark.parametrize(("orig", "new"), [(44100, 16000), (48000, 22050), (22050, 16000), (8000, 16000)])
+def test_the_numpy_resampling_kernel_is_torchaudios(orig: int, new: int) -> None:
+    reference = torchaudio.transforms.Resample(orig, new)
+    kernel, width, _, _ = sinc_resample_kernel(orig, new)
+    assert width == reference.width
+    np.testing.assert_array_equal(kernel, reference.kernel[:, 0].numpy())

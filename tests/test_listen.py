@@ -9,9 +9,10 @@ import types
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import EVENT_FRONTEND
 from scipy.signal import resample_poly
 
-from benchmarks.stream.bench import LABELS, frame_targets, match_events, synthetic_event_stream, train_event_model
+from benchmarks.stream.bench import LABELS, match_events, synthetic_event_stream
 from clients.detector import listen as listen_module
 from clients.detector.audio_input import ArraySource, AudioInputError, FileSource, MicSource, open_microphone
 from clients.detector.bundle import export_bundle, load_bundle
@@ -22,14 +23,11 @@ from clients.detector.listen import (
     parse_exec_map,
     run_detector,
 )
-from clients.detector.stream import StreamingDetector, single_thread
+from clients.detector.torch_stream import torch_detector
 from fedsound.cli import main as cli_main
-from fl.config import Config, DetectorConfig, FrontendConfig, to_dict
-from fl.frontend import Frontend
-from fl.model_io import save_model
-from fl.models import ModelConfig
+from fl.config import Config, DetectorConfig
 
-FRONTEND = FrontendConfig(sample_rate=16000, n_fft=400, hop_length=160, n_mels=32, patch_frames=50, patch_hop=25)
+FRONTEND = EVENT_FRONTEND
 FILE_RATE = 32000  # the WAV is written at twice the rate: listen resamples it once
 
 
@@ -62,18 +60,10 @@ class MemoryInputStream:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A bundle of a 16-channel TCN trained for 100 steps on 40 s of clicks and whistles, and a test WAV."""
+def setup(event_model, tmp_path_factory):
+    """A bundle of the event model (``conftest.event_model``) and a test WAV at twice the model's rate."""
     root = tmp_path_factory.mktemp("listen")
-    with single_thread():
-        frontend = Frontend(FRONTEND)
-        train = synthetic_event_stream(40.0, FRONTEND.sample_rate, np.random.default_rng(1))
-        frames = frontend.frames(train.wave, FRONTEND.sample_rate)
-        model = train_event_model(frames, frame_targets(train, FRONTEND, len(frames)),
-                                  ModelConfig(channels=16, dropout=0.0), steps=100, seed=0)
-    save_model(root / "model.pt", model, {"labels": list(LABELS), "mids": ["/t/click", "/t/whistle"],
-                                          "frontend": to_dict(FRONTEND)})
-    bundle = export_bundle(root / "model.pt", root / "bundle", Config())
+    bundle = export_bundle(event_model, root / "bundle", Config())
     test = synthetic_event_stream(8.0, FRONTEND.sample_rate, np.random.default_rng(7))
     wav = root / "test.wav"
     sf.write(wav, resample_poly(test.wave, FILE_RATE // FRONTEND.sample_rate, 1), FILE_RATE, subtype="PCM_16")
@@ -86,7 +76,7 @@ def json_events(out: str) -> list[dict]:
 
 def detector_for(bundle_path, settings=None):
     bundle = load_bundle(bundle_path)
-    return StreamingDetector(bundle.model, bundle.frontend(), bundle.labels, settings or bundle.detector)
+    return torch_detector(bundle.model, bundle.frontend(), bundle.labels, settings or bundle.detector)
 
 
 def test_listen_on_a_file_emits_the_expected_events_and_runs_exec(setup, tmp_path, capsys):
@@ -114,8 +104,7 @@ def test_listen_on_a_file_emits_the_expected_events_and_runs_exec(setup, tmp_pat
 
 def test_file_and_microphone_paths_give_the_same_events(setup, capsys, monkeypatch):
     bundle_path, wav, test = setup
-    bundle = load_bundle(bundle_path)
-    samples = FileSource(wav, bundle.frontend(), 160).samples
+    samples = FileSource(wav, FRONTEND.sample_rate, 160).samples
     from_file = run_detector(detector_for(bundle_path), ArraySource(samples, FRONTEND.sample_rate, 160))
     stream = MemoryInputStream(samples)
     mic = MicSource(stream, FRONTEND.sample_rate, 160)
@@ -132,7 +121,7 @@ def test_file_and_microphone_paths_give_the_same_events(setup, capsys, monkeypat
 
 def test_ctrl_c_stops_cleanly_with_a_summary(setup, capsys, monkeypatch):
     bundle_path, wav, test = setup
-    samples = FileSource(wav, load_bundle(bundle_path).frontend(), 160).samples
+    samples = FileSource(wav, FRONTEND.sample_rate, 160).samples
     stream = MemoryInputStream(samples, interrupt_after=300)  # 300 blocks = 3 s
     summary = run_detector(detector_for(bundle_path), MicSource(stream, FRONTEND.sample_rate, 160))
     assert summary.interrupted and stream.closed
@@ -194,8 +183,7 @@ def test_a_stricter_threshold_from_the_run_configuration_silences_events(setup, 
 
 def test_detection_matching_helper_counts_hits_and_false_onsets(setup):
     bundle_path, wav, test = setup
-    bundle = load_bundle(bundle_path)
-    source = FileSource(wav, bundle.frontend(), 160)
+    source = FileSource(wav, FRONTEND.sample_rate, 160)
     summary = run_detector(detector_for(bundle_path), source)
     records, false_onsets = match_events(test.events, summary.events)
     assert false_onsets == 0 and all(r["latency_ms"] is not None for r in records)
@@ -227,7 +215,7 @@ def test_a_file_that_is_not_audio_is_refused_in_one_line(setup, tmp_path, capsys
 
 def test_non_finite_live_input_is_repaired_and_counted_and_json_stays_valid(setup, capsys, monkeypatch):
     bundle_path, wav, test = setup
-    samples = FileSource(wav, load_bundle(bundle_path).frontend(), 160).samples.copy()
+    samples = FileSource(wav, FRONTEND.sample_rate, 160).samples.copy()
     clean = [e.to_dict() for e in run_detector(detector_for(bundle_path),
                                                ArraySource(samples, FRONTEND.sample_rate, 160)).events]
     quiet = np.flatnonzero(np.abs(samples) < 1e-3)[:5]  # a few near-silent samples become garbage

@@ -74,7 +74,7 @@ def _global_bundle(path):
     torch.manual_seed(0)
     model = TCN(ModelConfig(channels=16, dropout=0.0), frontend.n_mels, 3)
     return write_bundle(path, model, frontend, ["a", "b", "c"], ["/m/a", "/m/b", "/m/c"], DetectorConfig(),
-                        background=(patches, np.zeros((len(patches), 3), np.uint8)))
+                        background=(patches, np.zeros((len(patches), 3), np.uint8)), portable=True)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,21 @@ def offline_run(tmp_path_factory):
         stream = make_test_stream(voice, 2, 5, sounds=SOUNDS, aggressors_per_event=0.5)
         audio = _write(root / "stream.wav", stream.wave)
         listened = listen(profile, Config(), input_=str(audio), as_json=True)
-    return {"root": root, "profile": profile, "bundle": bundle, "report": report, "listened": listened}
+    return {"root": root, "profile": profile, "bundle": bundle, "report": report, "listened": listened,
+            "stream": audio}
+
+
+def test_a_portable_global_bundle_gives_a_portable_personal_one(offline_run):
+    """The personal detector runs on numpy and onnxruntime too, with the torch engine's probabilities."""
+    from clients.detector.listen import make_detector
+
+    assert load_bundle(offline_run["profile"]).manifest["portable"]["step"] == "step.onnx"
+    wave, rate = sf.read(offline_run["stream"], dtype="float32")
+    frames = Frontend(load_bundle(offline_run["profile"]).frontend_config).frames(wave, rate)
+    probabilities = {engine: make_detector(offline_run["profile"], Config(), engine)[0].engine.probabilities(frames)
+                     for engine in ("torch", "onnx")}
+    assert probabilities["torch"].shape == (len(frames), len(SOUNDS))
+    np.testing.assert_allclose(probabilities["onnx"], probabilities["torch"], atol=1e-5)
 
 
 def test_offline_enroll_personalize_listen(offline_run, capsys):

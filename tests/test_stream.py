@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from clients.detector.stream import (
+from clients.detector.stream import StreamingFrontend
+from clients.detector.torch_stream import (
     StreamEngine,
-    StreamingDetector,
-    StreamingFrontend,
+    TorchFrames,
     offline_probabilities,
     single_thread,
+    torch_detector,
 )
 from fl.config import DetectorConfig, FrontendConfig
 from fl.frontend import Frontend
@@ -35,7 +36,7 @@ def signal(n: int, rate: int, seed: int = 0) -> np.ndarray:
 
 
 def stream_frames(frontend: Frontend, wave: np.ndarray, block: int) -> np.ndarray:
-    streaming = StreamingFrontend(frontend)
+    streaming = StreamingFrontend(TorchFrames(frontend))
     out = [streaming.push(wave[i : i + block]) for i in range(0, len(wave), block)]
     return np.concatenate([*out, streaming.flush()])
 
@@ -55,7 +56,7 @@ def test_streamed_frames_equal_offline_frames(name, block):
 
 def test_each_frame_comes_out_after_the_documented_delay():
     config = CONFIGS["odd"]
-    frontend = StreamingFrontend(Frontend(config))
+    frontend = StreamingFrontend(TorchFrames(Frontend(config)))
     wave = signal(1000, config.sample_rate)
     ready_at = []  # samples received when each frame came out
     for i in range(len(wave)):
@@ -69,7 +70,7 @@ def test_each_frame_comes_out_after_the_documented_delay():
 
 def test_short_stream_flush_and_reset():
     config = CONFIGS["odd"]
-    streaming = StreamingFrontend(Frontend(config))
+    streaming = StreamingFrontend(TorchFrames(Frontend(config)))
     assert len(streaming.push(np.zeros(config.n_fft // 2, np.float32))) == 0
     assert len(streaming.flush()) == 0  # shorter than the reflection needs: no frame at all
     with pytest.raises(RuntimeError, match="flushed"):
@@ -113,6 +114,6 @@ def test_engine_refuses_a_model_without_streaming_step_and_mismatched_bands():
 def test_detector_reports_its_algorithmic_latency():
     config = CONFIGS["default"]
     model = build_model(ModelConfig(channels=8), config.n_mels, 2)
-    detector = StreamingDetector(model, Frontend(config), ["a", "b"], DetectorConfig(min_duration_ms=30))
+    detector = torch_detector(model, Frontend(config), ["a", "b"], DetectorConfig(min_duration_ms=30))
     assert detector.frontend_delay_ms == pytest.approx(330 / 22050 * 1000)
     assert detector.algorithmic_latency_ms == pytest.approx((330 + 2 * 220) / 22050 * 1000)

@@ -1,10 +1,14 @@
 """``fedsound bench stream``: the streaming detector's compute, latency and equality with offline processing.
 
-All on one CPU thread (``torch.set_num_threads(1)``), default frontend (22.05 kHz, 96 bands, 10 ms hop):
+All on one CPU thread, default frontend (22.05 kHz, 96 bands, 10 ms hop):
 
-* Compute per 10 ms hop (median, p99): one hop of audio through the whole detector (streaming frontend,
-  ``TCN.step``, sigmoid, post-processing) for the default TCN and the paper-sized 256-channel TCN, 200
-  classes; real-time factor = compute seconds per audio second.
+* Compute per 10 ms hop (median, p99): one hop of audio through the whole detector (streaming frontend, one
+  model step, sigmoid, post-processing) for the default TCN and the paper-sized 256-channel TCN, 200 classes,
+  on both engines: torch (the training frontend and ``TCN.step``) and the portable one (numpy frontend and the
+  step exported to ONNX, run by onnxruntime); real-time factor = compute seconds per audio second.
+* Portable against torch: max abs difference of per-frame probabilities over the test stream.
+* The size of an environment that can only listen (fedsound with numpy, soundfile, onnxruntime and their
+  dependencies) against this full install, from the installed distributions' file lists.
 * Algorithmic latency: frontend delay (``n_fft - n_fft // 2`` samples) plus post-processing delay (minimum
   duration less one frame); a live input adds up to one block.
 * Detection latency on a synthetic test stream: short impulsive "click" and tonal "whistle" events at known
@@ -14,8 +18,8 @@ All on one CPU thread (``torch.set_num_threads(1)``), default frontend (22.05 kH
 * Streaming equals offline: max abs difference of per-frame probabilities (streamed in blocks of 1, 160 and
   997 samples vs ``Frontend.frames`` + ``forward`` + sigmoid on the whole signal).
 
-Targets printed beside the figures: p99 compute per hop at most 1 ms, median detection latency at most
-50 ms, equality within 1e-4.
+Targets printed beside the figures: p99 compute per hop at most 1 ms (torch) and 0.5 ms (portable, default
+TCN), median detection latency at most 50 ms, equality within 1e-4.
 """
 
 from __future__ import annotations
@@ -23,17 +27,23 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from packaging.requirements import Requirement
 from torch import nn
 from tqdm import tqdm
 
 from benchmarks.common import machine_info, write_json
+from clients.detector.bundle import write_bundle
+from clients.detector.manifest import read_manifest
+from clients.detector.portable import portable_parts
 from clients.detector.postprocess import Event
-from clients.detector.stream import StreamEngine, StreamingDetector, offline_probabilities, single_thread
+from clients.detector.stream import StreamingDetector
+from clients.detector.torch_stream import StreamEngine, offline_probabilities, single_thread, torch_detector
 from fl.config import DetectorConfig, FrontendConfig
 from fl.frontend import Frontend
 from fl.models import TCN, ModelConfig, build_model
@@ -42,7 +52,10 @@ LABELS = ("click", "whistle")
 BENCH_MODELS = {"tcn": ModelConfig(), "tcn-256": ModelConfig(channels=256)}
 N_CLASSES = 200
 EQUALITY_BLOCKS = (1, 160, 997)
-TARGETS = {"p99_ms_per_hop": 1.0, "median_detection_latency_ms": 50.0, "max_abs_diff": 1e-4}
+TARGETS = {"p99_ms_per_hop": 1.0, "portable_p99_ms_per_hop": 0.5, "median_detection_latency_ms": 50.0,
+           "max_abs_diff": 1e-4}
+ENGINES = ("torch", "onnx")
+LISTEN_ONLY = ("numpy", "soundfile", "onnxruntime", "sounddevice")  # what `fedsound listen --engine onnx` imports
 MATCH_WINDOW_S = 0.3  # an onset emitted up to this long after a true event's offset still counts as its
 
 
@@ -171,7 +184,16 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
-def _compute_per_hop(config: ModelConfig, frontend: Frontend, hops: int, seed: int,
+def _detector(model: TCN, frontend: Frontend, labels: list[str], engine: str, folder: Path) -> StreamingDetector:
+    """``model`` as a streaming detector on ``engine``; the portable one through a bundle written to ``folder``."""
+    if engine == "torch":
+        return torch_detector(model.eval(), frontend, labels, DetectorConfig())
+    write_bundle(folder, model, frontend.config, labels, labels, DetectorConfig(), portable=True)
+    frames, step = portable_parts(read_manifest(folder))
+    return StreamingDetector(step, frames, labels, DetectorConfig())
+
+
+def _compute_per_hop(config: ModelConfig, frontend: Frontend, engine: str, hops: int, seed: int, folder: Path,
                      progress: bool, name: str) -> dict[str, float]:
     """Milliseconds per hop of audio through the whole detector (one hop-sized block per call).
 
@@ -182,14 +204,14 @@ def _compute_per_hop(config: ModelConfig, frontend: Frontend, hops: int, seed: i
     model = build_model(config, frontend.config.n_mels, N_CLASSES)
     assert isinstance(model, TCN)
     labels = [f"class-{i}" for i in range(N_CLASSES)]
-    detector = StreamingDetector(model.eval(), frontend, labels, DetectorConfig())
+    detector = _detector(model, frontend, labels, engine, folder)
     hop = frontend.config.hop_length
     audio = synthetic_event_stream((hops + 100) * hop / frontend.config.sample_rate + 1.0,
                                    frontend.config.sample_rate, np.random.default_rng(seed)).wave
     for k in range(100):  # warm-up (also fills the frontend's first window)
         detector.feed(audio[k * hop : (k + 1) * hop])
     wall, cpu = [], []
-    for k in tqdm(range(100, 100 + hops), desc=f"stream {name}", disable=not progress, leave=False):
+    for k in tqdm(range(100, 100 + hops), desc=f"stream {name} {engine}", disable=not progress, leave=False):
         block = audio[k * hop : (k + 1) * hop]
         start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
         detector.feed(block)
@@ -200,6 +222,49 @@ def _compute_per_hop(config: ModelConfig, frontend: Frontend, hops: int, seed: i
             "max_ms_per_hop": max(wall), "cpu_median_ms_per_hop": statistics.median(cpu),
             "cpu_p99_ms_per_hop": _percentile(cpu, 0.99), "real_time_factor": statistics.fmean(wall) / hop_ms,
             "receptive_field_frames": model.receptive_field, "hops": hops}
+
+
+def _distribution_closure(names: tuple[str, ...]) -> dict[str, metadata.Distribution]:
+    """The installed distributions ``names`` need, with their dependencies (extras left out)."""
+    found: dict[str, metadata.Distribution] = {}
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        key = name.lower().replace("_", "-")
+        if key in found:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found[key] = dist
+        for line in dist.requires or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return found
+
+
+def _distribution_bytes(dist: metadata.Distribution) -> int:
+    total = 0
+    for file in dist.files or []:
+        path = Path(str(dist.locate_file(file)))
+        if path.is_file():
+            total += path.stat().st_size
+    return total
+
+
+def environment_sizes() -> dict[str, Any]:
+    """Installed size of an environment that can only listen against this whole environment (MB, packages)."""
+    # fedsound's own files, without the training dependencies it declares
+    listen_only = {**_distribution_closure(LISTEN_ONLY), "fedsound": metadata.distribution("fedsound")}
+    everything = {d.metadata["Name"].lower(): d for d in metadata.distributions()}
+    missing = [name for name in LISTEN_ONLY if name not in listen_only]
+    return {
+        "listen_only": {"packages": sorted(listen_only), "mb": sum(map(_distribution_bytes, listen_only.values()))
+                        / 1e6, "not_installed_here": missing},
+        "full": {"packages": len(everything), "mb": sum(map(_distribution_bytes, everything.values())) / 1e6},
+    }
 
 
 def _max_stream_diff(model: TCN, frontend: Frontend, wave: np.ndarray, block: int) -> float:
@@ -221,8 +286,9 @@ def run_stream_bench(workdir: Path, quick: bool = False, out_json: Path | None =
     with single_thread():
         frontend = Frontend(FrontendConfig())
         settings = DetectorConfig()
-        compute = {name: _compute_per_hop(config, frontend, hops, seed, progress, name)
-                   for name, config in BENCH_MODELS.items()}
+        compute = {engine: {name: _compute_per_hop(config, frontend, engine, hops, seed,
+                                                   Path(workdir) / f"bundle-{name}", progress, name)
+                            for name, config in BENCH_MODELS.items()} for engine in ENGINES}
 
         rate = frontend.config.sample_rate
         train = synthetic_event_stream(train_s, rate, np.random.default_rng(seed + 1))
@@ -234,7 +300,7 @@ def run_stream_bench(workdir: Path, quick: bool = False, out_json: Path | None =
         train_seconds = time.perf_counter() - start
 
         test = synthetic_event_stream(test_s, rate, np.random.default_rng(seed + 2))
-        detector = StreamingDetector(model, frontend, LABELS, settings)
+        detector = torch_detector(model, frontend, LABELS, settings)
         emitted = []
         for i in range(0, len(test.wave), settings.block_size):
             emitted += detector.feed(test.wave[i : i + settings.block_size])
@@ -248,6 +314,10 @@ def run_stream_bench(workdir: Path, quick: bool = False, out_json: Path | None =
                                           _max_stream_diff(random_model, frontend, excerpt, block))
                     for block in EQUALITY_BLOCKS}
         equality["whole test stream, block 160"] = _max_stream_diff(model, frontend, test.wave, 160)
+        portable = _detector(model, frontend, list(LABELS), "onnx", Path(workdir) / "bundle-detector").engine
+        test_frames = frontend.frames(test.wave, rate)
+        torch_probs = StreamEngine(model, frontend).probabilities(test_frames)
+        portable_diff = float(np.max(np.abs(portable.probabilities(test_frames) - torch_probs)))
 
     found = [r for r in records if r["latency_ms"] is not None]
     latencies = [r["latency_ms"] for r in found]
@@ -280,6 +350,8 @@ def run_stream_bench(workdir: Path, quick: bool = False, out_json: Path | None =
             },
         },
         "equality_max_abs_diff": equality,
+        "portable_vs_torch_max_abs_diff": portable_diff,
+        "environment": environment_sizes(),
         "targets": TARGETS,
     }
     print(format_table(report))
@@ -294,14 +366,16 @@ def _mark(value: float, target: float) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """A text summary of :func:`run_stream_bench`'s figures with the targets beside them."""
     lines = ["streaming detector, 1 thread" + (" (quick)" if report["quick"] else "")]
-    lines.append(f"{'model':<8} {'wall ms/hop median':>18} {'p99':>7} {'max':>7} {'cpu ms/hop median':>18} "
-                 f"{'p99':>7} {'RTF':>7}   target p99 <= {TARGETS['p99_ms_per_hop']} ms (wall, cpu)")
-    for name, row in report["compute"].items():
-        lines.append(f"{name:<8} {row['median_ms_per_hop']:>18.3f} {row['p99_ms_per_hop']:>7.3f} "
-                     f"{row['max_ms_per_hop']:>7.3f} {row['cpu_median_ms_per_hop']:>18.3f} "
-                     f"{row['cpu_p99_ms_per_hop']:>7.3f} {row['real_time_factor']:>7.4f}   "
-                     f"{_mark(row['p99_ms_per_hop'], TARGETS['p99_ms_per_hop'])}, "
-                     f"{_mark(row['cpu_p99_ms_per_hop'], TARGETS['p99_ms_per_hop'])}")
+    lines.append(f"{'engine':<6} {'model':<8} {'wall ms/hop median':>18} {'p99':>7} {'max':>7} "
+                 f"{'cpu ms/hop median':>18} {'p99':>7} {'RTF':>7}   target p99 (wall, cpu)")
+    for engine, rows in report["compute"].items():
+        for name, row in rows.items():
+            target = TARGETS["portable_p99_ms_per_hop"] if engine == "onnx" and name == "tcn" else \
+                TARGETS["p99_ms_per_hop"]
+            lines.append(f"{engine:<6} {name:<8} {row['median_ms_per_hop']:>18.3f} {row['p99_ms_per_hop']:>7.3f} "
+                         f"{row['max_ms_per_hop']:>7.3f} {row['cpu_median_ms_per_hop']:>18.3f} "
+                         f"{row['cpu_p99_ms_per_hop']:>7.3f} {row['real_time_factor']:>7.4f}   <= {target} ms: "
+                         f"{_mark(row['p99_ms_per_hop'], target)}, {_mark(row['cpu_p99_ms_per_hop'], target)}")
     alg = report["algorithmic_latency_ms"]
     lines.append(f"algorithmic latency {alg['total']:.1f} ms (frontend {alg['frontend_delay']:.1f} + "
                  f"post-processing {alg['postprocess']:.1f}; live input adds up to {alg['block_buffering_max']:.1f})")
@@ -315,4 +389,13 @@ def format_table(report: dict[str, Any]) -> str:
     worst = max(report["equality_max_abs_diff"].values())
     lines.append(f"streaming vs offline max abs diff {worst:.2e}   target <= {TARGETS['max_abs_diff']:.0e} "
                  f"{_mark(worst, TARGETS['max_abs_diff'])}")
+    portable = report["portable_vs_torch_max_abs_diff"]
+    lines.append(f"portable (onnx) vs torch probabilities max abs diff {portable:.2e}   target <= "
+                 f"{TARGETS['max_abs_diff']:.0e} {_mark(portable, TARGETS['max_abs_diff'])}")
+    env = report["environment"]
+    missing = f" ({', '.join(env['listen_only']['not_installed_here'])} not installed here)" \
+        if env["listen_only"]["not_installed_here"] else ""
+    lines.append(f"an environment that only listens: {len(env['listen_only']['packages'])} packages, "
+                 f"{env['listen_only']['mb']:.0f} MB{missing}; this full install: {env['full']['packages']} "
+                 f"packages, {env['full']['mb']:.0f} MB")
     return "\n".join(lines)

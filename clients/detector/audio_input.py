@@ -3,7 +3,7 @@
 * :class:`ArraySource`: samples in memory, as fast as possible or paced in real time (each block delivered
   when its last sample would have been recorded).
 * :class:`FileSource`: an audio file (any rate or channel count soundfile reads), mixed to mono and
-  resampled to the frontend's rate once, offline, then streamed like an :class:`ArraySource`.
+  resampled to the model's rate once, then streamed like an :class:`ArraySource`.
 * :class:`MicSource`: any stream with sounddevice's ``InputStream`` interface (``start``, ``read(frames) ->
   (data [frames, channels], overflowed)``, ``stop``, ``close``); :func:`open_microphone` opens the real one
   (sounddevice is the optional extra ``fedsound[mic]``). A stream whose ``read`` returns no samples has ended.
@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from fl.audio import AudioFileError, read_audio, repair_samples, to_mono
+from fl.dsp import StreamingResampler, resample
 from fl.errors import FedsoundError
-from fl.frontend import Frontend, StreamingResampler
 
 
 class AudioInputError(FedsoundError):
@@ -76,14 +75,13 @@ def read_mono(path: Path) -> tuple[np.ndarray, int]:
 
 
 class FileSource(ArraySource):
-    """An audio file, mixed to mono and resampled to the frontend's rate, streamed in blocks."""
+    """An audio file, mixed to mono and resampled to ``sample_rate`` (:func:`fl.dsp.resample`), streamed in
+    blocks."""
 
-    def __init__(self, path: Path, frontend: Frontend, block_size: int, realtime: bool = False) -> None:
+    def __init__(self, path: Path, sample_rate: int, block_size: int, realtime: bool = False) -> None:
         path = Path(path)
         wave, rate = read_mono(path)
-        mono = torch.from_numpy(np.ascontiguousarray(wave))
-        samples = frontend.resample(mono, rate).numpy()
-        super().__init__(samples, frontend.config.sample_rate, block_size, realtime)
+        super().__init__(resample(wave, rate, sample_rate), sample_rate, block_size, realtime)
         self.path = path
 
 
@@ -101,7 +99,7 @@ class InputStreamLike(Protocol):
 
 class MicSource:
     """Blocks read from an input stream (the microphone, or any stream with the same interface) at the device's
-    own rate ``device_rate``, resampled on the fly to ``sample_rate`` (:class:`fl.frontend.StreamingResampler`:
+    own rate ``device_rate``, resampled on the fly to ``sample_rate`` (:class:`fl.dsp.StreamingResampler`:
     the same numbers as resampling the whole recording offline). Samples that are not audio (NaN, infinite, far
     beyond full scale) are replaced with silence (:func:`fl.audio.repair_samples`) and counted in ``repaired``;
     buffer overflows are counted in ``overflows``. ``block_size`` is in samples at ``sample_rate``."""

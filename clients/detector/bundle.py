@@ -2,16 +2,12 @@
 
 Layout (format ``fedsound-bundle``, version ``VERSION``)::
 
-    bundle.json              manifest (below)
+    bundle.json              manifest (:mod:`clients.detector.manifest`)
     weights.pt               torch.save of {name: tensor} only, read with torch.load(weights_only=True)
     background.npy           float16 [n, patch_frames, n_mels] log-mel patches from the training store
     background-labels.npy    uint8 [n, n_classes] their multi-hot labels   (both only when a store was given)
+    step.onnx, frontend.npz  the portable detector's step and frontend arrays (only with ``portable``)
 
-``bundle.json`` holds the format tag and version, the model architecture (kebab-case ModelConfig, n_mels,
-n_classes), the frontend configuration, the label names and AudioSet mids, the post-processing settings
-(``[detector]`` table: thresholds, per-class thresholds, minimum duration, refractory time), the receptive
-field, the algorithmic latency, a description of the background patches, the SHA-256 of every other file
-(``files``) and ``manifest_sha256``, the SHA-256 of the manifest itself (canonical JSON without that key).
 :func:`load_bundle` checks the format, the version and every checksum before it reads anything else.
 
 The background patches are a seeded random sample of training patches (at most ``MAX_BACKGROUND_BYTES``),
@@ -20,7 +16,6 @@ optionally leaving out clips that carry given labels; on-device fine-tuning uses
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -33,33 +28,36 @@ from typing import Any
 import numpy as np
 import torch
 
+from clients.detector.manifest import (
+    BACKGROUND,
+    BACKGROUND_LABELS,
+    FORMAT,
+    MANIFEST,
+    PORTABLE_FRONTEND,
+    PORTABLE_STEP,
+    VERSION,
+    WEIGHTS,
+    BundleError,
+    file_sha256,
+    manifest_digest,
+    read_manifest,
+)
 from clients.detector.postprocess import class_confirm_frames, class_thresholds
 from fl.config import (
     Config,
     DetectorConfig,
     FrontendConfig,
-    apply,
     frontend_from_dict,
     model_from_dict,
     to_dict,
 )
-from fl.errors import ConfigError, DataError
+from fl.errors import ConfigError
 from fl.frontend import Frontend
 from fl.model_io import load_model
 from fl.models import TCN, build_model
 
-FORMAT = "fedsound-bundle"
-VERSION = 1
-MANIFEST = "bundle.json"
-WEIGHTS = "weights.pt"
-BACKGROUND = "background.npy"
-BACKGROUND_LABELS = "background-labels.npy"
 DEFAULT_BACKGROUND_PATCHES = 128
 MAX_BACKGROUND_BYTES = 4 * 1024 * 1024
-
-
-class BundleError(DataError):
-    """A detector bundle is missing, tampered with, of another format version, or cannot be exported."""
 
 
 @dataclass
@@ -92,33 +90,11 @@ class Bundle:
         return patches.astype(np.float32), labels
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _manifest_digest(manifest: dict[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
-
-
 def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise BundleError(f"{path}: unreadable array ({exc})") from None
-
-
-def resolve_bundle(source: Path) -> Path:
-    """The bundle directory for ``source``: a bundle itself, or a profile holding ``personal/bundle.json``."""
-    source = Path(source)
-    for candidate in (source, source / "personal"):
-        if (candidate / MANIFEST).is_file():
-            return candidate
-    raise BundleError(f"{source}: no detector bundle here (expected {MANIFEST} or personal/{MANIFEST})")
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
@@ -145,12 +121,15 @@ def write_bundle(
     detector: DetectorConfig,
     background: tuple[np.ndarray, np.ndarray] | None = None,
     provenance: dict[str, Any] | None = None,
+    portable: bool = False,
 ) -> Path:
     """Write a bundle directory atomically (built beside ``path``, then renamed over it); returns ``path``.
 
     ``background`` is (patches ``[n, T, n_mels]``, multi-hot labels ``[n, n_classes]``), stored as float16
     and uint8. ``provenance`` (plain JSON data: where the weights and patches came from) is recorded as is.
-    An existing bundle at ``path`` is replaced; any other existing file or non-empty directory is refused.
+    ``portable`` also writes the ONNX step and the frontend's arrays (:mod:`clients.detector.onnx_export`; needs
+    the ``onnx`` package). An existing bundle at ``path`` is replaced; any other existing file or non-empty
+    directory is refused.
     """
     path = Path(path)
     if not isinstance(model, TCN):
@@ -178,6 +157,7 @@ def write_bundle(
             np.save(tmp / BACKGROUND_LABELS, np.asarray(patch_labels, dtype=np.uint8), allow_pickle=False)
             background_info = {"patches": int(len(patches)), "patch_frames": int(patches.shape[1]),
                                "dtype": "float16"}
+        portable_info = _write_portable(tmp, model, frontend) if portable else None
         frame_ms = 1000.0 * frame_s
         frontend_delay_ms = 1000.0 * frontend.delay_s
         postprocess_ms = (confirm_frames - 1) * frame_ms  # the slowest class
@@ -195,15 +175,27 @@ def write_bundle(
             "latency_ms": {"frontend_delay": frontend_delay_ms, "postprocess": postprocess_ms,
                            "algorithmic": frontend_delay_ms + postprocess_ms},
             "background": background_info,
+            "portable": portable_info,
             "provenance": provenance or {},
-            "files": {name: _sha256(tmp / name) for name in files},
+            "files": {name: file_sha256(tmp / name) for name in files},
         }
-        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _write_portable(folder: Path, model: TCN, frontend: FrontendConfig) -> dict[str, Any]:
+    """Write ``step.onnx`` and ``frontend.npz`` into ``folder``; returns the manifest's ``portable`` entry."""
+    try:
+        from clients.detector.onnx_export import OPSET, cache_shapes, frontend_arrays, step_onnx
+    except ImportError:
+        raise BundleError("the portable files need the onnx package: pip install onnx") from None
+    (folder / PORTABLE_STEP).write_bytes(step_onnx(model))
+    (folder / PORTABLE_FRONTEND).write_bytes(frontend_arrays(Frontend(frontend)))
+    return {"step": PORTABLE_STEP, "frontend": PORTABLE_FRONTEND, "opset": OPSET, "caches": cache_shapes(model)}
 
 
 def _sample_background(store_path: Path, frontend: FrontendConfig, labels: Sequence[str], count: int,
@@ -240,11 +232,13 @@ def export_bundle(
     store: Path | None = None,
     background_patches: int = DEFAULT_BACKGROUND_PATCHES,
     exclude_labels: Sequence[str] = (),
+    portable: bool = False,
 ) -> Path:
     """Model file -> detector bundle at ``bundle`` (see the module docstring); returns the bundle path.
 
     Frontend and labels come from the model file's ``extra``; ``config.detector`` gives the post-processing
-    settings. With ``store``, up to ``background_patches`` train patches (``config.seed``) are carried.
+    settings. With ``store``, up to ``background_patches`` train patches (``config.seed``) are carried; with
+    ``portable``, the ONNX step and the frontend's arrays.
     """
     model_path = Path(model_path)
     model, extra = load_model(model_path)
@@ -263,40 +257,18 @@ def export_bundle(
                                                          exclude_labels, config.seed)
         background = (patches, patch_labels)
         provenance["background"] = info
-    return write_bundle(bundle, model, frontend, labels, mids, config.detector, background, provenance)
+    return write_bundle(bundle, model, frontend, labels, mids, config.detector, background, provenance, portable)
 
 
 def load_bundle(source: Path) -> Bundle:
-    """Load and verify a bundle (``source`` as for :func:`resolve_bundle`); every problem is a BundleError."""
-    path = resolve_bundle(source)
-    manifest_path = path / MANIFEST
+    """Load and verify a bundle (``source``: a bundle, or a profile with ``personal/``; see
+    :func:`clients.detector.manifest.read_manifest`); every problem is a BundleError."""
+    manifest = read_manifest(source)
+    path, manifest_path = manifest.path, manifest.path / MANIFEST
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{manifest_path}: not valid JSON ({exc}); the bundle is damaged") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{manifest_path}: not a fedsound detector bundle (no '{FORMAT}' format tag)")
-    if manifest.get("version") != VERSION:
-        raise BundleError(f"{path}: detector bundle format version {manifest.get('version')!r} is not "
-                          f"supported (this build reads version {VERSION}); export the bundle again")
-    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
-        raise BundleError(f"{manifest_path}: checksum mismatch: the manifest was modified")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or WEIGHTS not in files:
-        raise BundleError(f"{manifest_path}: no checksum list for the bundle's files")
-    for name, digest in files.items():
-        file = path / name
-        if not file.is_file():
-            raise BundleError(f"{file}: missing from the bundle")
-        if _sha256(file) != digest:
-            raise BundleError(f"{file}: checksum mismatch: the bundle was modified or damaged")
-    try:
-        frontend = frontend_from_dict(manifest["frontend"], str(manifest_path))
-        detector = apply(Config(), {"detector": manifest["detector"]}, str(manifest_path)).detector
-        model_info = manifest["model"]
+        model_info = manifest.data["model"]
         model = build_model(model_from_dict(model_info["config"], str(manifest_path)),
                             model_info["n_mels"], model_info["n_classes"])
-        labels, mids = list(manifest["labels"]), list(manifest["mids"])
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise BundleError(str(exc)) from None
@@ -310,7 +282,5 @@ def load_bundle(source: Path) -> Bundle:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BundleError(f"{path / WEIGHTS}: weights unreadable or not matching the manifest ({first_line})"
                           ) from None
-    if len(labels) != model.n_classes:
-        raise BundleError(f"{manifest_path}: {len(labels)} labels for {model.n_classes} classes")
-    return Bundle(path=path, model=model.eval(), frontend_config=frontend, labels=labels, mids=mids,
-                  detector=detector, manifest=manifest)
+    return Bundle(path=path, model=model.eval(), frontend_config=manifest.frontend_config,
+                  labels=manifest.labels, mids=manifest.mids, detector=manifest.detector, manifest=manifest.data)

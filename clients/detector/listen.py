@@ -20,6 +20,7 @@ from its default overrides the bundle's value (``block-size`` sets the block siz
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import shlex
 import shutil
@@ -32,13 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clients.detector.audio_input import AudioSource, FileSource, MicSource, open_microphone
-from clients.detector.bundle import load_bundle
+from clients.detector.manifest import Manifest, read_manifest
+from clients.detector.portable import portable_parts
 from clients.detector.postprocess import Event
-from clients.detector.stream import StreamingDetector, single_thread
+from clients.detector.stream import StreamingDetector
 from fl.config import Config, DetectorConfig
 from fl.errors import FedsoundError
 
 EXEC_WAIT_S = 10.0
+ENGINES = ("auto", "torch", "onnx")
 
 
 class ListenError(FedsoundError):
@@ -134,9 +137,9 @@ def run_detector(detector: StreamingDetector, source: AudioSource,
                  on_event: Callable[[Event], None] | None = None) -> ListenSummary:
     """Feed ``source`` to ``detector`` until it ends or Ctrl-C; every event goes to ``on_event``.
 
-    Runs torch on one thread (see :mod:`clients.detector.stream`). On KeyboardInterrupt the stream is ended without
-    flushing the audio (events still active are closed at the last processed frame) and the summary says so;
-    :class:`StopListening` raised by ``on_event`` ends it the same way.
+    Runs the engine's compute on one thread (:meth:`clients.detector.stream.StepEngine.threads`). On
+    KeyboardInterrupt the stream is ended without flushing the audio (events still active are closed at the last
+    processed frame) and the summary says so; :class:`StopListening` raised by ``on_event`` ends it the same way.
     """
     if source.sample_rate != detector.sample_rate:
         raise ListenError(
@@ -152,7 +155,7 @@ def run_detector(detector: StreamingDetector, source: AudioSource,
 
     wall_start = time.perf_counter()
     blocks = source.blocks()
-    with single_thread():
+    with detector.engine.threads():
         try:
             for block in blocks:
                 start = time.perf_counter()
@@ -197,21 +200,39 @@ def _print_event(event: Event, as_json: bool) -> None:
         print(f"{event.offset_s:9.3f} s  {event.label} ended (peak {event.score:.2f})", flush=True)
 
 
+def make_detector(source: Path, config: Config, engine: str = "auto") -> tuple[StreamingDetector, Manifest, str]:
+    """The streaming detector of a bundle (or ``PROFILE/personal``) on ``engine``: ``torch`` (the training
+    frontend and ``TCN.step``), ``onnx`` (the portable files: numpy and onnxruntime only) or ``auto`` (torch when it
+    is installed). Returns (detector, verified manifest, engine used)."""
+    if engine not in ENGINES:
+        raise ListenError(f"--engine: must be one of {', '.join(ENGINES)}, got {engine!r}")
+    manifest = read_manifest(Path(source))
+    settings = detector_settings(manifest.detector, config.detector)
+    if engine == "auto":
+        engine = "torch" if importlib.util.find_spec("torch") is not None else "onnx"
+    if engine == "onnx":
+        frames, step = portable_parts(manifest)
+        return StreamingDetector(step, frames, manifest.labels, settings), manifest, engine
+    from clients.detector.bundle import load_bundle
+    from clients.detector.torch_stream import torch_detector
+
+    bundle = load_bundle(manifest.path)
+    return torch_detector(bundle.model, bundle.frontend(), bundle.labels, settings), manifest, engine
+
+
 def listen(source: Path, config: Config, input_: str = "mic", realtime: bool = False, as_json: bool = False,
-           exec_map: Sequence[str] = (), device: int | str | None = None) -> int:
+           exec_map: Sequence[str] = (), device: int | str | None = None, engine: str = "auto") -> int:
     """``fedsound listen``: load the bundle (or ``PROFILE/personal``), stream ``input_`` ("mic" or a file).
     ``device``: the input device (index or name, see :func:`clients.detector.audio_input.list_input_devices`;
-    default: the system's default input), opened at its native rate."""
-    bundle = load_bundle(Path(source))
-    settings = detector_settings(bundle.detector, config.detector)
-    commands = parse_exec_map(exec_map, bundle.labels)
-    frontend = bundle.frontend()
-    detector = StreamingDetector(bundle.model, frontend, bundle.labels, settings)
+    default: the system's default input), opened at its native rate. ``engine``: see :func:`make_detector`."""
+    detector, manifest, engine = make_detector(Path(source), config, engine)
+    commands = parse_exec_map(exec_map, manifest.labels)
+    block_size = detector_settings(manifest.detector, config.detector).block_size
     audio: AudioSource
     if input_ == "mic":
-        audio = open_microphone(frontend.config.sample_rate, settings.block_size, device)
+        audio = open_microphone(detector.sample_rate, block_size, device)
     else:
-        audio = FileSource(Path(input_), frontend, settings.block_size, realtime=realtime)
+        audio = FileSource(Path(input_), detector.sample_rate, block_size, realtime=realtime)
     runner = CommandRunner(commands)
 
     def on_event(event: Event) -> None:
@@ -226,8 +247,8 @@ def listen(source: Path, config: Config, input_: str = "mic", realtime: bool = F
         heard = input_ if input_ != "mic" else (f"the microphone at {audio.device_rate} Hz" +
                                                  (f", resampled to {audio.sample_rate} Hz"
                                                   if audio.device_rate != audio.sample_rate else ""))
-        print(f"listening to {heard} with {bundle.path} ({len(bundle.labels)} labels, algorithmic latency "
-              f"{detector.algorithmic_latency_ms:.0f} ms)", file=sys.stderr)
+        print(f"listening to {heard} with {manifest.path} ({len(manifest.labels)} labels, {engine} engine, "
+              f"algorithmic latency {detector.algorithmic_latency_ms:.0f} ms)", file=sys.stderr)
     summary = run_detector(detector, audio, on_event)
     still_running = runner.wait()
     print(summary.text(), file=sys.stderr)

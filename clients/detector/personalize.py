@@ -93,7 +93,7 @@ from clients.detector.bundle import Bundle, load_bundle, write_bundle
 from clients.detector.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
 from clients.detector.postprocess import EventTracker, min_duration_frames, to_frames
 from clients.detector.profile import Profile, make_private_tree
-from clients.detector.stream import frame_probabilities
+from clients.detector.torch_stream import frame_probabilities
 from fl.config import CONFIG_DIR, Config, DetectorConfig, FrontendConfig, PersonalizeConfig, load_config, to_dict
 from fl.errors import FedsoundError
 from fl.frontend import Frontend, band_centres_hz
@@ -708,7 +708,8 @@ def _personalize(profile: Path, bundle: Path | None, config: Config, progress: b
     provenance = {"base_bundle": str(base.path.resolve()), "base_manifest_sha256": base.manifest["manifest_sha256"],
                   "personalize": to_dict(settings), "seed": config.seed, "examples": data.counts}
     write_bundle(store.personal_dir, sound_model(model), base.frontend_config, data.sounds,
-                 [f"user:{name}" for name in data.sounds], detector, provenance=provenance)
+                 [f"user:{name}" for name in data.sounds], detector, provenance=provenance,
+                 portable=base.manifest.get("portable") is not None)
     make_private_tree(store.personal_dir)
     return {
         "profile": str(store.path),

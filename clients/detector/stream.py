@@ -1,16 +1,17 @@
-"""Streaming detection: audio blocks -> log-mel frames -> TCN ``step`` -> probabilities -> events.
+"""Streaming detection: audio blocks -> log-mel frames -> one model step per frame -> probabilities -> events.
+
+The pieces are engine-agnostic: a *frame maker* (:class:`FrameMaker`: ``n_fft`` segments -> frames, and their
+levels) and a *step engine* (:class:`StepEngine`: frames -> per-frame probabilities, caches carried on). The
+torch engine (:mod:`clients.detector.torch_stream`) runs the training frontend and ``TCN.step``; the portable
+engine (:mod:`clients.detector.portable`) runs a numpy frontend and the step exported to ONNX. Both give the
+same frames and probabilities within float rounding.
 
 Equality with offline processing
-    :class:`StreamingFrontend` computes the frames of :class:`fl.frontend.Frontend` (torchaudio's
-    MelSpectrogram, ``center=True``, reflect padding) from blocks of any size: it cuts the same ``n_fft``
-    segments as the offline path and hands them to the same :meth:`Frontend.segment_frames` (window, FFT,
-    power, mel filterbank, compression). Frame ``t`` is the window of ``n_fft`` samples centred on sample
-    ``t * hop``; before the first sample the signal is its reflection (``x[pad], ..., x[1]`` with
-    ``pad = n_fft // 2``), and :meth:`StreamingFrontend.flush` reflects the end the same way, so the stream
-    yields exactly the offline frames (``1 + (n + 2 * pad - n_fft) // hop`` of them; equal up to float
-    rounding, about 1e-6).
-    :class:`StreamEngine` feeds them to ``TCN.step``, which equals the offline ``forward``, so the per-frame
-    probabilities equal ``sigmoid(model(frames))`` within 1e-4.
+    :class:`StreamingFrontend` cuts, from blocks of any size, the same ``n_fft`` segments as the offline
+    frontend (torchaudio's MelSpectrogram, ``center=True``, reflect padding). Frame ``t`` is the window of
+    ``n_fft`` samples centred on sample ``t * hop``; before the first sample the signal is its reflection
+    (``x[pad], ..., x[1]`` with ``pad = n_fft // 2``), and :meth:`StreamingFrontend.flush` reflects the end the
+    same way, so the stream yields exactly the offline frames (``1 + (n + 2 * pad - n_fft) // hop`` of them).
 
 Delay (fixed, documented)
     Frame ``t`` is produced as soon as sample ``t * hop + n_fft - pad - 1`` has arrived, i.e.
@@ -22,44 +23,58 @@ Delay (fixed, documented)
     arrives).
 
 A stream shorter than ``pad + 1`` samples gives no frame (the offline frontend refuses such input).
-
-Threads
-    The per-hop work is tiny (one FFT, a few small matrix-vector products): run it on one thread
-    (:func:`single_thread`), as ``listen`` and ``benchmarks/stream/bench.py`` do. Extra intra-op threads only
-    add wake-up jitter, and on a busy machine they make streaming many times slower.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import numpy as np
-import torch
 
 from clients.detector.postprocess import Event, EventTracker
-from fl.config import DetectorConfig
-from fl.frontend import Frontend
-from fl.models import TCN
+from fl.config import DetectorConfig, FrontendConfig
 
 
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread inside the block; the previous setting is restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+class FrameMaker(Protocol):
+    """Computes frames from signal samples, as the training frontend does."""
+
+    config: FrontendConfig
+
+    def frames_of(self, span: np.ndarray, count: int) -> np.ndarray:
+        """The ``count`` frames whose ``n_fft`` windows start every ``hop`` samples from ``span[0]``."""
+        ...
+
+    def levels_db(self, frames: np.ndarray) -> np.ndarray:
+        """Each frame's level in dB."""
+        ...
+
+
+class StepEngine(Protocol):
+    """Frames -> per-frame class probabilities, one step per frame, its caches carried from call to call."""
+
+    n_classes: int
+
+    def reset(self) -> None:
+        """Clear the caches: the next frame starts a new stream."""
+        ...
+
+    def probabilities(self, frames: np.ndarray) -> np.ndarray:
+        """Probabilities ``[k, n_classes]`` of the next frames ``[k, n_mels]``."""
+        ...
+
+    def threads(self) -> AbstractContextManager:
+        """A context to stream in: the engine's compute on one thread (extra threads only add jitter)."""
+        ...
 
 
 class StreamingFrontend:
     """Blocks of mono samples at the frontend's rate -> the offline frontend's frames, once ready."""
 
-    def __init__(self, frontend: Frontend) -> None:
-        config = frontend.config
-        self.frontend = frontend
+    def __init__(self, maker: FrameMaker) -> None:
+        config = maker.config
+        self.maker = maker
         self.n_fft = config.n_fft
         self.hop = config.hop_length
         self.pad = config.n_fft // 2
@@ -68,7 +83,7 @@ class StreamingFrontend:
     @property
     def delay_samples(self) -> int:
         """Samples between the one a frame is centred on and the last one it needs (the frontend delay)."""
-        return self.frontend.config.delay_samples
+        return self.maker.config.delay_samples
 
     @property
     def n_samples(self) -> int:
@@ -100,7 +115,7 @@ class StreamingFrontend:
         self._n_samples += block.size
         self._buffer = np.concatenate((self._buffer, block))
         if not self._started:
-            if self._n_samples < self.frontend.config.min_samples:  # too few to reflect the start
+            if self._n_samples < self.maker.config.min_samples:  # too few to reflect the start
                 return self._empty()
             self._buffer = np.concatenate((self._buffer[self.pad : 0 : -1], self._buffer))
             self._started = True
@@ -122,7 +137,7 @@ class StreamingFrontend:
         return self._emit_ready()
 
     def _empty(self) -> np.ndarray:
-        return np.zeros((0, self.frontend.config.n_mels), dtype=np.float32)
+        return np.zeros((0, self.maker.config.n_mels), dtype=np.float32)
 
     def _emit_ready(self) -> np.ndarray:
         end = self._buffer_start + self._buffer.size  # padded samples available
@@ -136,77 +151,36 @@ class StreamingFrontend:
             self._buffer_start = keep_from
         return frames
 
-    @torch.inference_mode()
     def _compute(self, count: int) -> np.ndarray:
         first = self._n_frames * self.hop - self._buffer_start
-        span = self._buffer[first : first + (count - 1) * self.hop + self.n_fft]
-        segments = torch.from_numpy(span).unfold(0, self.n_fft, self.hop)  # [count, n_fft], a view
-        return self.frontend.segment_frames(segments).numpy()
-
-
-class StreamEngine:
-    """Audio blocks -> per-frame class probabilities ``[k, n_classes]``, equal to offline processing."""
-
-    def __init__(self, model: TCN, frontend: Frontend) -> None:
-        if not isinstance(model, TCN):
-            raise TypeError(f"streaming needs a TCN (it has a step function), got {type(model).__name__}")
-        if model.n_mels != frontend.config.n_mels:
-            raise ValueError(
-                f"model expects {model.n_mels} mel bands, the frontend gives {frontend.config.n_mels}"
-            )
-        self.model = model.eval()
-        self.frontend = StreamingFrontend(frontend)
-        self.reset()
-
-    def reset(self) -> None:
-        """Start a new stream (frontend buffer and model caches cleared)."""
-        self.frontend.reset()
-        self._state = self.model.init_state(1)
-
-    def push(self, block: np.ndarray) -> np.ndarray:
-        """Add samples; return the probabilities of the frames they completed."""
-        return self.probabilities(self.frontend.push(block))
-
-    def flush(self) -> np.ndarray:
-        """End of stream: probabilities of the remaining frames."""
-        return self.probabilities(self.frontend.flush())
-
-    @torch.inference_mode()
-    def probabilities(self, frames: np.ndarray) -> np.ndarray:
-        """Probabilities of the next frames ``[k, n_mels]`` of this stream (the model's caches carry on)."""
-        frames_t = torch.from_numpy(frames)
-        probs = np.empty((len(frames), self.model.n_classes), dtype=np.float32)
-        for i in range(len(frames)):
-            logits, self._state = self.model.step(frames_t[i : i + 1], self._state)
-            probs[i] = torch.sigmoid(logits).numpy()[0]
-        return probs
+        return self.maker.frames_of(self._buffer[first : first + (count - 1) * self.hop + self.n_fft], count)
 
 
 class StreamingDetector:
-    """Audio blocks -> events: :class:`StreamEngine` followed by :class:`EventTracker`.
+    """Audio blocks -> events: a :class:`StreamingFrontend`, a :class:`StepEngine` and an :class:`EventTracker`.
 
     Events are stamped with the audio time at the end of the block that completed them (``emitted_s``).
     """
 
-    def __init__(
-        self, model: TCN, frontend: Frontend, labels: Sequence[str], settings: DetectorConfig
-    ) -> None:
-        if len(labels) != model.n_classes:
-            raise ValueError(f"{len(labels)} labels for a model with {model.n_classes} classes")
-        self.engine = StreamEngine(model, frontend)
-        self.frontend = frontend
-        self.sample_rate = frontend.config.sample_rate
-        self.tracker = EventTracker(labels, settings, frontend.config.frame_s)
+    def __init__(self, engine: StepEngine, maker: FrameMaker, labels: Sequence[str], settings: DetectorConfig
+                 ) -> None:
+        if len(labels) != engine.n_classes:
+            raise ValueError(f"{len(labels)} labels for a model with {engine.n_classes} classes")
+        self.engine = engine
+        self.maker = maker
+        self.frontend = StreamingFrontend(maker)
+        self.sample_rate = maker.config.sample_rate
+        self.tracker = EventTracker(labels, settings, maker.config.frame_s)
 
     @property
     def audio_seconds(self) -> float:
         """Audio received so far, in seconds."""
-        return self.engine.frontend.n_samples / self.sample_rate
+        return self.frontend.n_samples / self.sample_rate
 
     @property
     def frontend_delay_ms(self) -> float:
         """Frontend delay (:attr:`fl.config.FrontendConfig.delay_samples`)."""
-        return self.engine.frontend.delay_samples / self.sample_rate * 1000.0
+        return self.frontend.delay_samples / self.sample_rate * 1000.0
 
     @property
     def algorithmic_latency_ms(self) -> float:
@@ -215,26 +189,14 @@ class StreamingDetector:
 
     def feed(self, block: np.ndarray) -> list[Event]:
         """Process one block of samples; return the events it completed."""
-        return self._track(self.engine.frontend.push(block))
+        return self._track(self.frontend.push(block))
 
     def finish(self, flush_audio: bool = True) -> list[Event]:
         """End of stream: the last frames (when ``flush_audio``), then the still active events are closed."""
-        events = self._track(self.engine.frontend.flush()) if flush_audio else []
+        events = self._track(self.frontend.flush()) if flush_audio else []
         return events + self.tracker.close(self.audio_seconds)
 
     def _track(self, frames: np.ndarray) -> list[Event]:
         """The events completed by the next frames (their probabilities and levels)."""
         return self.tracker.update(self.engine.probabilities(frames), self.audio_seconds,
-                                   self.frontend.levels_db(frames))
-
-
-@torch.inference_mode()
-def frame_probabilities(model: TCN, frames: np.ndarray) -> np.ndarray:
-    """Per-frame sigmoid probabilities ``[n, n_classes]`` of a whole frame sequence (``forward``; equal to
-    streaming within 1e-4)."""
-    return torch.sigmoid(model.eval()(torch.from_numpy(frames).unsqueeze(0)))[0].numpy()
-
-
-def offline_probabilities(model: TCN, frontend: Frontend, wave: np.ndarray) -> np.ndarray:
-    """Reference: per-frame probabilities of a whole waveform (``Frontend.frames`` + ``forward``)."""
-    return frame_probabilities(model, frontend.frames(wave, frontend.config.sample_rate))
+                                   self.maker.levels_db(frames))
