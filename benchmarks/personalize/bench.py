@@ -68,7 +68,7 @@ from clients.detector.enroll import enroll
 from clients.detector.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
 from clients.detector.personalize import PersonalizeConfig, load_personalize_config, personalize
 from clients.detector.postprocess import EventTracker
-from clients.detector.stream import frame_probabilities
+from clients.detector.torch_stream import frame_probabilities
 from data_prep.mouth_corpus import BACKGROUND_CLIPS, TAKES_PER_SOUND, VOICES, synthesize_mouth_corpus
 from data_prep.mouth_sounds import (
     SOUNDS,
