@@ -22,6 +22,7 @@ BENCHES = {
     "sweep": ("benchmarks.sweep.bench", "run_sweep_bench"),
     "stream": ("benchmarks.stream.bench", "run_stream_bench"),
     "personalize": ("benchmarks.personalize.bench", "run_personalize_bench"),
+    "privacy": ("benchmarks.privacy.bench", "run_privacy_bench"),
 }
 # Options only bench personalize takes, and why the others refuse each.
 PERSONALIZE_ONLY = {

@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exec", action="append", metavar="LABEL=COMMAND", help="run COMMAND on each LABEL event")
 
     p = add("bench", cmd_bench, "the project's own benchmarks", seed=False)
-    p.add_argument("what", choices=["prep", "train", "sim", "sweep", "stream", "personalize"])
+    p.add_argument("what", choices=["prep", "train", "sim", "sweep", "stream", "personalize", "privacy"])
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     p.add_argument("--out", default=None, help="JSON file for the figures")
     p.add_argument("--benchmarks", type=Path, default=None, metavar="DIR",

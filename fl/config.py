@@ -177,6 +177,10 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"
               "fedtrimmedavg", "krum")
 
 
+DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive")
+DP_STRATEGIES = ("fedavg", "fedprox")  # the DP wrappers' noise is calibrated to a plain average of clipped updates
+
+
 @dataclass(frozen=True)
 class FederatedConfig:
     """Flower simulation settings (fsd_fed: C = fraction, E = local-epochs)."""
@@ -200,6 +204,15 @@ class FederatedConfig:
     ray_address: str = ""  # "" starts a local Ray; "auto" or host:port joins a cluster
     ray_timeout_s: float = 30.0  # joining a cluster by address fails after this long
     supernodes: int = 0  # 0 means one supernode per client of the partition
+    # central differential privacy with Flower's wrappers: "off", "server-fixed" / "client-fixed" (clipping by the
+    # server, or by each client's clipping mod, at dp-clipping-norm) or "server-adaptive" (the norm follows the
+    # dp-clipped-quantile of the updates' norms); Gaussian noise of dp-noise-multiplier x the norm per sampled
+    # client; epsilon at dp-delta accounted per round (client-level, no amplification by sampling)
+    dp: str = "off"
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0
+    dp_clipped_quantile: float = 0.5
+    dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "rounds", "must be at least 1")
@@ -219,6 +232,13 @@ class FederatedConfig:
         _check(0 <= self.client_gpus <= 8, "client-gpus", "must be in [0, 8]")
         _check(self.supernodes >= 0, "supernodes", "must be non-negative")
         _check(0 < self.ray_timeout_s <= 3600, "ray-timeout-s", "must be in (0, 3600]")
+        _check(self.dp in DP_MODES, "dp", f"must be one of {', '.join(DP_MODES)}")
+        _check(self.dp_noise_multiplier > 0, "dp-noise-multiplier", "must be positive")
+        _check(self.dp_clipping_norm > 0, "dp-clipping-norm", "must be positive")
+        _check(0 < self.dp_clipped_quantile < 1, "dp-clipped-quantile", "must be in (0, 1)")
+        _check(0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)")
+        _check(self.dp == "off" or self.strategy in DP_STRATEGIES, "dp",
+               f"needs a strategy that averages updates uniformly ({', '.join(DP_STRATEGIES)}), not {self.strategy!r}")
 
 
 @dataclass(frozen=True)
@@ -395,6 +415,8 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
+        _check(self.federated.dp == "off" or self.model.name == "tcn", "federated.dp",
+               "needs the TCN (clipping and noise apply to float weights; the VGG-like model has counters)")
 
 
 def _kebab(name: str) -> str:

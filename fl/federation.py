@@ -28,6 +28,8 @@ CONFIG_KEY = "fedsound-config"  # JSON of the resolved Config inside a ConfigRec
 PLAN_NAME = "partition.json"
 SETTINGS_NAME = "settings.json"
 PATH_KEYS = ("store", "out", "central", "resume")
+# Every update carries this weight (1) beside its patch count: a DP average weighs all clients alike.
+UNIFORM_WEIGHT_KEY = "client-weight"
 
 
 @dataclass

@@ -20,7 +20,15 @@ from fl.rundir import RunDir, plot_curves
 from fl.runtime import pick_device
 from fl.store import FeatureStore
 from fl.train import evaluate, model_extra, new_model
-from server.strategy import SampledGrid, build_strategy, restore_strategy_state, sample_partitions, strategy_state
+from server.privacy import PrivacyLedger
+from server.strategy import (
+    SampledGrid,
+    build_strategy,
+    restore_strategy_state,
+    sample_partitions,
+    sample_size,
+    strategy_state,
+)
 
 app = ServerApp()
 log = logging.getLogger("fedsound.server")
@@ -81,13 +89,18 @@ def _run_federated(grid: Grid, settings: RunSettings) -> None:
         build_partition(settings.store, config, settings.plan)
     store = open_store(str(settings.store))
     plan = PartitionPlan.load(settings.plan)
-    strategy = build_strategy(config)
+    fed = config.federated
+    n_sampled = sample_size(plan.n_clients, fed.fraction, fed.min_clients)
+    strategy = build_strategy(config, n_sampled)
+    ledger = PrivacyLedger(fed, plan.n_clients, n_sampled) if fed.dp != "off" else None
     model = new_model(config, store)
     start = 1
     if settings.resume:
         ckpt = run.load_checkpoint()
         run.restore(model, ckpt["model"])
         restore_strategy_state(strategy, ckpt["strategy"])
+        if ledger is not None:
+            ledger.release(int(ckpt.get("dp_releases", 0)))
         start = int(ckpt["round"]) + 1
         run.truncate(start - 1, "round")
         run.record_config(config)
@@ -127,8 +140,14 @@ def _run_federated(grid: Grid, settings: RunSettings) -> None:
             else:
                 good.append((partition, reply))
         good.sort(key=lambda item: item[0])  # fixed aggregation order -> identical weights for one seed
+        if ledger is not None and len(good) < len(sampled):
+            log.warning("round %d: %d of %d sampled updates arrived; a DP average needs them all, so the round "
+                        "is not aggregated", server_round, len(good), len(sampled))
+            good = []
         new_arrays, train_metrics = (strategy.aggregate_train(server_round, [r for _, r in good]) if good
                                      else (None, None))
+        if new_arrays is not None and ledger is not None:
+            ledger.release()
         if new_arrays is not None:
             model.load_state_dict(new_arrays.to_torch_state_dict())
             # the global model in the model's own dtypes, exactly as a checkpoint holds it (strategies may
@@ -142,11 +161,16 @@ def _run_federated(grid: Grid, settings: RunSettings) -> None:
                   "clients_sampled": sampled, "clients_rejected": rejected, "clients_failed": failed,
                   "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                   "seconds": time.perf_counter() - started}
+        if ledger is not None:
+            record.update(epsilon=ledger.epsilon(), delta=ledger.delta, dp_releases=ledger.releases,
+                          dp_clipping_norm=float(strategy.clipping_norm))
         run.append(record)
         run.save_checkpoint({"model": model.state_dict(), "round": server_round, "seed": config.seed,
-                             "strategy": strategy_state(strategy)})
-        log.info("round %d: val mAP %.4f, %d clients (%d rejected, %d failed)", server_round, metrics["mAP"],
-                 len(sampled), len(rejected), failed)
+                             "strategy": strategy_state(strategy),
+                             "dp_releases": ledger.releases if ledger is not None else 0})
+        log.info("round %d: val mAP %.4f, %d clients (%d rejected, %d failed)%s", server_round, metrics["mAP"],
+                 len(sampled), len(rejected), failed,
+                 f", epsilon {record['epsilon']:.3g} at delta {ledger.delta:g}" if ledger is not None else "")
     save_model(run.model_path, model, extra=model_extra(store))
     baseline = RunDir(settings.central).records() if settings.central else None
     plot_curves(run.records(), run.plot_path, "round",

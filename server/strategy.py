@@ -23,17 +23,22 @@ from flwr.serverapp.strategy import (
 )
 
 from fl.config import Config
+from fl.federation import UNIFORM_WEIGHT_KEY
+from server.privacy import wrap_for_privacy
 
 # Attributes in which Flower's strategies keep state across rounds (server optimiser moments, momentum).
 STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "current_arrays")
 
 
-def build_strategy(config: Config) -> Strategy:
-    """The configured Flower strategy. Sampling is done by :func:`sample_partitions`, so the strategy is
-    told to take every node it is offered."""
+def build_strategy(config: Config, n_sampled: int) -> Strategy:
+    """The configured Flower strategy, inside the DP wrapper ``federated.dp`` names (:mod:`server.privacy`;
+    its average then weighs clients alike). Sampling is done by :func:`sample_partitions` (``n_sampled``
+    partitions a round), so the strategy is told to take every node it is offered."""
     fed = config.federated
     common: dict[str, Any] = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 1,
                               "min_evaluate_nodes": 0, "min_available_nodes": 1}
+    if fed.dp != "off":
+        common["weighted_by_key"] = UNIFORM_WEIGHT_KEY
     adaptive = {"eta": fed.server_lr, "eta_l": config.train.lr, "beta_1": fed.beta_1, "beta_2": fed.beta_2,
                 "tau": fed.tau}
     factories = {
@@ -47,14 +52,19 @@ def build_strategy(config: Config) -> Strategy:
         "fedtrimmedavg": lambda: FedTrimmedAvg(**common, beta=fed.trim_beta),
         "krum": lambda: Krum(**common, num_malicious_nodes=fed.num_malicious),
     }
-    return factories[fed.strategy]()
+    return wrap_for_privacy(factories[fed.strategy](), fed, n_sampled)
+
+
+def sample_size(n_partitions: int, fraction: float, min_clients: int) -> int:
+    """Partitions trained per round: ``max(min_clients, round(fraction * n))``, at most ``n``."""
+    return min(n_partitions, max(min_clients, round(fraction * n_partitions)))
 
 
 def sample_partitions(n_partitions: int, fraction: float, min_clients: int, seed: int, server_round: int) -> list[int]:
-    """The partitions trained in a round: ``max(min_clients, round(fraction * n))`` of them, drawn from
-    ``(seed, round)`` alone, so the same seed samples the same partitions whatever node ids Flower assigns
-    and a resumed run samples exactly as an uninterrupted one."""
-    k = min(n_partitions, max(min_clients, round(fraction * n_partitions)))
+    """The partitions trained in a round (:func:`sample_size` of them), drawn from ``(seed, round)`` alone, so
+    the same seed samples the same partitions whatever node ids Flower assigns and a resumed run samples
+    exactly as an uninterrupted one."""
+    k = sample_size(n_partitions, fraction, min_clients)
     rng = np.random.default_rng([seed, server_round])
     return sorted(int(p) for p in rng.choice(n_partitions, size=k, replace=False))
 
@@ -85,20 +95,28 @@ def _to_plain(value: Any) -> Any:
 
 
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
-    """Tensors of the strategy's cross-round state, for a checkpoint loadable with ``weights_only``."""
-    return {name: _to_plain(getattr(strategy, name)) for name in STATE_ATTRIBUTES
-            if getattr(strategy, name, None) is not None}
+    """Tensors of the strategy's cross-round state (inside a DP wrapper: the wrapped strategy's, and an adaptive
+    wrapper's clipping norm), for a checkpoint loadable with ``weights_only``."""
+    inner = getattr(strategy, "strategy", strategy)
+    state = {name: _to_plain(getattr(inner, name)) for name in STATE_ATTRIBUTES
+             if getattr(inner, name, None) is not None}
+    if inner is not strategy and hasattr(strategy, "clipping_norm"):
+        state["dp_clipping_norm"] = float(strategy.clipping_norm)
+    return state
 
 
 def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
     """Put state saved by :func:`strategy_state` back into a freshly built strategy."""
+    inner = getattr(strategy, "strategy", strategy)
     for name, value in state.items():
-        current = getattr(strategy, name, None)
-        if name == "current_arrays" and isinstance(strategy, FedAvgM):
-            setattr(strategy, name, ArrayRecord(value))
+        current = getattr(inner, name, None)
+        if name == "dp_clipping_norm":
+            strategy.clipping_norm = float(value)
+        elif name == "current_arrays" and isinstance(inner, FedAvgM):
+            setattr(inner, name, ArrayRecord(value))
         elif isinstance(value, dict):
-            setattr(strategy, name, {k: v.numpy() for k, v in value.items()})
+            setattr(inner, name, {k: v.numpy() for k, v in value.items()})
         elif isinstance(value, list):
-            setattr(strategy, name, [v.numpy() for v in value])
+            setattr(inner, name, [v.numpy() for v in value])
         elif current is None:
-            setattr(strategy, name, value)
+            setattr(inner, name, value)

@@ -225,7 +225,7 @@ def test_every_strategy_runs_one_round(strategy_runs: dict, tiny_store: Path, st
     state = RunDir(out).load_checkpoint()["strategy"]
     assert set(STATEFUL.get(strategy, ())) <= state.keys()
     config = strategy_runs["config"]
-    fresh = build_strategy(replace(config, federated=replace(config.federated, strategy=strategy)))
+    fresh = build_strategy(replace(config, federated=replace(config.federated, strategy=strategy)), 3)
     restore_strategy_state(fresh, state)
     for name in STATEFUL.get(strategy, ()):
         restored, saved = plain_arrays(getattr(fresh, name)), plain_arrays(state[name])
