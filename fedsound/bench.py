@@ -23,6 +23,7 @@ BENCHES = {
     "stream": ("benchmarks.stream.bench", "run_stream_bench"),
     "personalize": ("benchmarks.personalize.bench", "run_personalize_bench"),
     "privacy": ("benchmarks.privacy.bench", "run_privacy_bench"),
+    "deploy": ("benchmarks.deploy.bench", "run_deploy_bench"),
 }
 # Options only bench personalize takes, and why the others refuse each.
 PERSONALIZE_ONLY = {

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -162,6 +163,58 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"sweep: {out}  best trial {best['trial']} {best['params']}: "
           f"final val mAP {best['metrics']['final_mAP']:.4f}")
     return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from fedsound.deploy import make_certs, serve
+
+    if args.make_certs:
+        folder = make_certs(Path(args.make_certs), hosts=args.hosts)
+        print(f"certificates in {folder}: give {folder / 'ca.crt'} to the laptops; keep server.key private")
+        return 0
+    if not args.certs or not args.initial:
+        raise ConfigError("server: give --certs DIR and --initial MODEL (or --make-certs DIR first)")
+    config = _config(args, {"federated.rounds": args.rounds, "federated.min-clients": args.min_clients,
+                            "federated.round-timeout-s": args.round_timeout_s})
+    out = Path(args.out) if args.out else Path(args.workdir) / "runs" / "profiles"
+    return serve(Path(args.certs), Path(args.workdir) / "server", config, Path(args.initial), out, host=args.host,
+                 port=args.port, register=[Path(key) for key in args.register], store=args.store)
+
+
+JOIN_RETRY_S = 10.0
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from fedsound.deploy import join, node_keys
+
+    profile = Path(args.profile)
+    if args.opt_out:
+        from clients.profile_training import record_opt_in
+
+        record_opt_in(profile, args.server or "", opted=False)
+        print(f"{profile}: opted out; its takes will not train the global model")
+        return 0
+    if not args.server or not args.ca:
+        raise ConfigError("join: give --server HOST:PORT and --ca CA.crt (from the server's operator)")
+    if args.opt_in:
+        from clients.profile_training import record_opt_in
+
+        record_opt_in(profile, args.server)
+    _, public = node_keys(profile)
+    print(f"joining {args.server} with {profile}; the operator must register {public} (fedsound server ... "
+          f"--register {public.name}); only weight updates leave this computer. Ctrl-C to leave.", flush=True)
+    while True:  # a SuperNode refused (not registered yet) or cut off exits: start it again until Ctrl-C
+        node = join(profile, args.server, Path(args.ca), Path(args.workdir) / "join")
+        try:
+            status = node.wait()
+        finally:
+            if node.poll() is None:
+                node.terminate()
+                node.wait(timeout=20)
+        print(f"the connection to {args.server} ended (exit {status}: not registered yet, or unreachable); "
+              f"trying again in {JOIN_RETRY_S:g} s (see {Path(args.workdir) / 'join' / 'supernode.log'})",
+              file=sys.stderr, flush=True)
+        time.sleep(JOIN_RETRY_S)
 
 
 # --- on-device --------------------------------------------------------------------------------------------
@@ -326,6 +379,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: go on even where the settings differ from the run's config.json")
 
+    p = add("server", cmd_server, "a federation of laptops: Flower SuperLink with TLS and SuperNode authentication")
+    p.add_argument("--make-certs", default=None, metavar="DIR", help="write a self-signed CA and server certificate")
+    p.add_argument("--hosts", nargs="+", default=["localhost", "127.0.0.1"],
+                   help="with --make-certs: the names and addresses laptops reach the server at")
+    p.add_argument("--certs", default=None, metavar="DIR", help="ca.crt, server.pem, server.key")
+    p.add_argument("--initial", default=None, metavar="MODEL", help="the model file the federation starts from")
+    p.add_argument("--store", default=None, help="a feature store to evaluate the global model on (optional)")
+    p.add_argument("--register", nargs="*", default=[], metavar="NODE.pub", help="laptops' public keys to allow")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=9093)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--min-clients", type=int, default=None, help="laptops that must be connected for a round")
+    p.add_argument("--round-timeout-s", type=float, default=None, help="updates later than this count as failed")
+    p.add_argument("--out", default=None)
+
+    p = add("join", cmd_join, "join a federation with a profile: trains on it there, sends weight updates only",
+            seed=False, config=False)
+    p.add_argument("profile")
+    p.add_argument("--server", default=None, metavar="HOST:PORT")
+    p.add_argument("--ca", default=None, metavar="CA.crt", help="the federation's CA certificate")
+    p.add_argument("--opt-in", action="store_true", help="agree that this profile trains the global model")
+    p.add_argument("--opt-out", action="store_true", help="withdraw the agreement")
+
     p = add("evaluate", cmd_evaluate, "clip-level metrics on a split", seed=False, config=False)
     p.add_argument("model")
     p.add_argument("store")
@@ -378,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exec", action="append", metavar="LABEL=COMMAND", help="run COMMAND on each LABEL event")
 
     p = add("bench", cmd_bench, "the project's own benchmarks", seed=False)
-    p.add_argument("what", choices=["prep", "train", "sim", "sweep", "stream", "personalize", "privacy"])
+    p.add_argument("what", choices=["prep", "train", "sim", "sweep", "stream", "personalize", "privacy", "deploy"])
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     p.add_argument("--out", default=None, help="JSON file for the figures")
     p.add_argument("--benchmarks", type=Path, default=None, metavar="DIR",

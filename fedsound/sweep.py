@@ -73,7 +73,7 @@ MAXIMISED = ("mAP", "dprime", "lwlrap", "micro_pr_auc")
 MINIMISED = ("train_loss",)
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.json", "settings.json", "partition.json")
 REPORTED_NAME = "reported.json"  # in a Tune checkpoint: the last round reported to Tune
-ATTEMPTS_NAME = "attempts.jsonl"  # in a run directory: one line per start of the trial's simulation
+ATTEMPTS_NAME = "attempts.jsonl"  # in a run directory: one line per start of the trial's simulation (and its node)
 CHILD_LOG = "child.log"
 CHILD_OBJECT_STORE_BYTES = 512 * 1024**2
 POLL_S = 0.5
@@ -291,8 +291,11 @@ def _start_child(name: str, run: Path, config: Config, setup: dict[str, Any], sa
             "num_gpus": resources["actors"] * config.federated.client_gpus,
             "threads": max(1, math.floor(resources["CPU"])), "parent": os.getpid()}
     (run / "trial.json").write_text(json.dumps(spec, indent=2) + "\n")
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     with open(run / ATTEMPTS_NAME, "a") as fh:
-        fh.write(json.dumps({"started": time.time(), "from_round": saved, "pid": os.getpid()}) + "\n")
+        fh.write(json.dumps({"started": time.time(), "from_round": saved, "pid": os.getpid(), "node": node}) + "\n")
     with open(run / CHILD_LOG, "ab") as child_log:
         return subprocess.Popen([sys.executable, "-m", "fedsound.sweep", str(run / "trial.json")], stdout=child_log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env(),

@@ -204,6 +204,10 @@ class FederatedConfig:
     ray_address: str = ""  # "" starts a local Ray; "auto" or host:port joins a cluster
     ray_timeout_s: float = 30.0  # joining a cluster by address fails after this long
     supernodes: int = 0  # 0 means one supernode per client of the partition
+    # updates not back this long after a round's train messages went out count as failed (the round goes on)
+    round_timeout_s: float = 600.0
+    # how long the server waits for nodes: every partition's (simulations) or min-clients connected ones (laptops)
+    node_wait_s: float = 600.0
     # central differential privacy with Flower's wrappers: "off", "server-fixed" / "client-fixed" (clipping by the
     # server, or by each client's clipping mod, at dp-clipping-norm) or "server-adaptive" (the norm follows the
     # dp-clipped-quantile of the updates' norms); Gaussian noise of dp-noise-multiplier x the norm per sampled
@@ -232,6 +236,8 @@ class FederatedConfig:
         _check(0 <= self.client_gpus <= 8, "client-gpus", "must be in [0, 8]")
         _check(self.supernodes >= 0, "supernodes", "must be non-negative")
         _check(0 < self.ray_timeout_s <= 3600, "ray-timeout-s", "must be in (0, 3600]")
+        _check(self.round_timeout_s > 0, "round-timeout-s", "must be positive")
+        _check(self.node_wait_s > 0, "node-wait-s", "must be positive")
         _check(self.dp in DP_MODES, "dp", f"must be one of {', '.join(DP_MODES)}")
         _check(self.dp_noise_multiplier > 0, "dp-noise-multiplier", "must be positive")
         _check(self.dp_clipping_norm > 0, "dp-clipping-norm", "must be positive")

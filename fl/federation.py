@@ -2,8 +2,13 @@
 
 A run's settings reach the ServerApp either from ``fedsound simulate`` (the ``FEDSOUND_RUN`` environment
 variable names the run's ``settings.json``) or from ``flwr run .`` (``context.run_config``: the same dotted
-kebab-case keys as our TOML files, plus ``store`` and ``out``). The server forwards the resolved
-configuration to every client inside each train message, so one key means one thing on every path.
+kebab-case keys as our TOML files, plus ``store``, ``out`` and, for a federation of laptops, ``federation =
+"profiles"`` and ``initial``). The server forwards the resolved configuration to every client inside each train
+message, so one key means one thing on every path.
+
+Two kinds of federation: ``store`` (simulations: each node holds a partition of one feature store) and
+``profiles`` (real laptops joined with ``fedsound join``: each node trains on its own profile; the server starts
+from the ``initial`` model file and evaluates on ``store`` when one is given).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ RUN_ENV = "FEDSOUND_RUN"
 CONFIG_KEY = "fedsound-config"  # JSON of the resolved Config inside a ConfigRecord
 PLAN_NAME = "partition.json"
 SETTINGS_NAME = "settings.json"
-PATH_KEYS = ("store", "out", "central", "resume")
+PATH_KEYS = ("store", "out", "central", "resume", "federation", "initial")
+FEDERATIONS = ("store", "profiles")
 # Every update carries this weight (1) beside its patch count: a DP average weighs all clients alike.
 UNIFORM_WEIGHT_KEY = "client-weight"
 
@@ -37,10 +43,12 @@ class RunSettings:
     """Everything the ServerApp needs to run one federated experiment."""
 
     config: Config
-    store: Path
+    store: Path | None
     out: Path
     resume: bool = False
     central: Path | None = None
+    federation: str = "store"
+    initial: Path | None = None
 
     @property
     def plan(self) -> Path:
@@ -51,8 +59,9 @@ class RunSettings:
         """Write ``settings.json`` into the run directory."""
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / SETTINGS_NAME
-        path.write_text(json.dumps({"config": to_dict(self.config), "store": str(self.store), "out": str(self.out),
-                                    "resume": self.resume, "central": str(self.central or "")}, indent=2))
+        path.write_text(json.dumps({"config": to_dict(self.config), "store": str(self.store or ""),
+                                    "out": str(self.out), "resume": self.resume, "central": str(self.central or ""),
+                                    "federation": self.federation, "initial": str(self.initial or "")}, indent=2))
         return path
 
 
@@ -61,15 +70,23 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
     if os.environ.get(RUN_ENV):
         data = json.loads(Path(os.environ[RUN_ENV]).read_text())
         config = apply(Config(), data["config"], os.environ[RUN_ENV])
-        return RunSettings(config, Path(data["store"]), Path(data["out"]), bool(data["resume"]),
-                           Path(data["central"]) if data["central"] else None)
+        return RunSettings(config, Path(data["store"]) if data["store"] else None, Path(data["out"]),
+                           bool(data["resume"]), Path(data["central"]) if data["central"] else None,
+                           data.get("federation", "store"), Path(data["initial"]) if data.get("initial") else None)
     flat = {k: v for k, v in run_config.items() if k not in PATH_KEYS}
-    if "store" not in run_config:
+    federation = str(run_config.get("federation", "store"))
+    if federation not in FEDERATIONS:
+        raise ConfigError(f"run config: 'federation' must be one of {', '.join(FEDERATIONS)}, got {federation!r}")
+    if federation == "store" and "store" not in run_config:
         raise ConfigError("run config: 'store' (path of the feature store) is required")
+    if federation == "profiles" and not run_config.get("initial"):
+        raise ConfigError("run config: 'initial' (the model file a federation of profiles starts from) is required")
     config = apply_flat(Config(), flat, "run config")
     out = Path(str(run_config.get("out", "work/runs/flwr")))
-    return RunSettings(config, Path(str(run_config["store"])), out, bool(run_config.get("resume", False)),
-                       Path(str(run_config["central"])) if run_config.get("central") else None)
+    return RunSettings(config, Path(str(run_config["store"])) if run_config.get("store") else None, out,
+                       bool(run_config.get("resume", False)),
+                       Path(str(run_config["central"])) if run_config.get("central") else None, federation,
+                       Path(str(run_config["initial"])) if run_config.get("initial") else None)
 
 
 @lru_cache(maxsize=4)

@@ -1,15 +1,17 @@
 """Exclusive writer locks on run directories, sweep directories, stores being written and profiles.
 
-A lock is an ``flock`` on a small lock file (``DIR/.fedsound.lock`` for a folder, ``FILE.lock`` beside a file)
-that records its holder (pid, host, command, start time). The operating system releases it when the holder
-exits, however it exits, so a killed run never leaves a stale lock. A second writer is refused at once with a
-one-line :class:`LockedError` naming the holder. Within one process the lock is re-entrant (a driver and the
-Flower ServerApp it runs in a thread share it).
+A lock is a POSIX record lock (``lockf``) on a small lock file (``DIR/.fedsound.lock`` for a folder, ``FILE.lock``
+beside a file) that records its holder (pid, host, command, start time). The operating system releases it when the
+holder exits, however it exits, so a killed run never leaves a stale lock; unlike ``flock``, a record lock is not
+inherited by a forked child, which could otherwise keep it after the holder let go. A second writer is refused at
+once with a one-line :class:`LockedError` naming the holder. Within one process the lock is re-entrant (a driver
+and the Flower ServerApp it runs in a thread share it); the process opens each lock file once while it holds it.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -60,9 +62,11 @@ def exclusive(target: Path, what: str, is_dir: bool = True) -> Iterator[Path]:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
                 os.close(fd)
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
                 raise LockedError(f"{target}: this {what} is in use by {_holder_text(path)}; wait for it to "
                                   "finish or write elsewhere") from None
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:200],
@@ -79,4 +83,4 @@ def exclusive(target: Path, what: str, is_dir: bool = True) -> Iterator[Path]:
                 _held[path] = (fd, count - 1)
             else:
                 del _held[path]
-                os.close(fd)  # closing the descriptor releases the flock
+                os.close(fd)  # closing the descriptor releases the lock

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,27 @@ def train_epochs(
     proximal_mu: float = 0.0,
     progress: bool = False,
 ) -> float:
-    """Train on the given patch rows for ``epochs`` epochs; returns the mean BCE loss of the last epoch.
+    """Train on the given patch rows of a store for ``epochs`` epochs; returns the mean BCE loss of the last epoch
+    (:func:`train_batches`)."""
+    n_batches = (len(patches) + config.batch_size - 1) // config.batch_size
+    return train_batches(model, lambda rng: iter_batches(store, split, patches, config.batch_size, rng), n_batches,
+                         config, epochs, seed, device, optimizer, proximal_mu, progress)
+
+
+def train_batches(
+    model: nn.Module,
+    batches: Callable[[np.random.Generator], Iterable[tuple[torch.Tensor, torch.Tensor, Any]]],
+    n_batches: int,
+    config: TrainConfig,
+    epochs: int,
+    seed: Sequence[int],
+    device: torch.device,
+    optimizer: torch.optim.Optimizer | None = None,
+    proximal_mu: float = 0.0,
+    progress: bool = False,
+) -> float:
+    """Train on ``batches(rng)`` (patches ``[B, T, n_mels]``, multi-hot targets, anything) for ``epochs`` epochs, a
+    fresh generator each epoch; returns the mean BCE loss of the last epoch.
 
     ``seed`` (e.g. ``[seed, round, client]``) fixes the shuffling and dropout. With ``proximal_mu > 0`` the
     FedProx term ``mu/2 * ||w - w_global||^2`` is added, ``w_global`` being the weights on entry.
@@ -63,9 +84,7 @@ def train_epochs(
         rng = np.random.default_rng([*seed, epoch])
         torch.manual_seed(int(rng.integers(2**31)))
         total, count = 0.0, 0
-        batches = iter_batches(store, split, patches, config.batch_size, rng)
-        n_batches = (len(patches) + config.batch_size - 1) // config.batch_size
-        for x, y, _ in tqdm(batches, total=n_batches, disable=not progress, leave=False, desc=f"epoch {epoch}"):
+        for x, y, _ in tqdm(batches(rng), total=n_batches, disable=not progress, leave=False, desc=f"epoch {epoch}"):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = loss_fn(model.clip_logits(x), y)
             objective = loss

@@ -69,6 +69,13 @@ def sample_partitions(n_partitions: int, fraction: float, min_clients: int, seed
     return sorted(int(p) for p in rng.choice(n_partitions, size=k, replace=False))
 
 
+def sample_nodes(node_ids: Iterable[int], k: int, seed: int, server_round: int) -> list[int]:
+    """``k`` of the given (connected) nodes, drawn from ``(seed, round)`` over their sorted ids."""
+    ids = sorted(node_ids)
+    rng = np.random.default_rng([seed, server_round])
+    return [ids[i] for i in sorted(rng.choice(len(ids), size=min(k, len(ids)), replace=False))]
+
+
 class SampledGrid:
     """A view of a Grid that offers only the sampled nodes to the strategy's own configure step."""
 

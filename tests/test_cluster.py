@@ -5,6 +5,7 @@ both nodes, and give the weights of a single-machine run with the same seed."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from fedsound.simulate import simulate
-from fedsound.sweep import expand_grid, run_sweep
+from fedsound.sweep import ATTEMPTS_NAME, expand_grid, run_sweep
 from fl.config import CONFIG_DIR, apply_flat, load_config
 from fl.runtime import configure_environment
 
@@ -72,7 +73,7 @@ def _stop_cluster(temp: str, address: str) -> None:
         for pid in ours:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 5
         while signum == signal.SIGTERM and time.monotonic() < deadline and any(_alive(pid) for pid in ours):
             time.sleep(0.2)
 
@@ -143,6 +144,8 @@ def test_a_sweep_on_the_cluster_places_trials_on_both_nodes(cluster, tiny_store,
     trials = expand_grid(config)
     assert len(trials) == 2
     run_sweep(tiny_store, config, tmp_path / "sweep", progress=False)
-    assert len(_actor_nodes(cluster, "ImplicitFunc")) == 2
+    nodes = {json.loads(line)["node"] for trial in trials
+             for line in (tmp_path / "sweep" / "trials" / trial.name / ATTEMPTS_NAME).read_text().splitlines()}
+    assert len(nodes) == 2 and None not in nodes  # each trial ran on its own node of the cluster
     _assert_same_weights(tmp_path / "sweep" / "trials" / trials[0].name, local_reference)
     assert (tmp_path / "sweep" / "trials" / trials[1].name / "model.pt").exists()

@@ -22,11 +22,13 @@ ALLOWED = {
     "fl": {"fl", "configs"},
     "data_prep": {"fl", "data_prep"},
     "server": {"fl", "server"},
-    "clients.client_app": {"fl"},
+    "clients.client_app": {"fl", "clients.detector", "clients.profile_training"},
+    "clients.profile_training": {"fl", "clients.detector"},
     "clients.detector": {"fl", "clients.detector"},
-    "fedsound": {"fl", "configs", "data_prep", "server", "clients.client_app", "clients.detector", "fedsound"},
-    "benchmarks": {"fl", "configs", "data_prep", "server", "clients.client_app", "clients.detector", "fedsound",
-                   "benchmarks"},
+    "fedsound": {"fl", "configs", "data_prep", "server", "clients.client_app", "clients.detector",
+                 "clients.profile_training", "fedsound"},
+    "benchmarks": {"fl", "configs", "data_prep", "server", "clients.client_app", "clients.detector",
+                   "clients.profile_training", "fedsound", "benchmarks"},
 }
 # third-party packages a layer must not need: the core and the detector run without the federated runtime
 FORBIDDEN_THIRD_PARTY = {"fl": ("flwr", "ray"), "clients.detector": ("flwr", "ray"), "data_prep": ("flwr", "ray")}
