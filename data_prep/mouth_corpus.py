@@ -4,7 +4,10 @@ What a federation of many users would hold, and what the global detector of Lea 
 voice (:func:`data_prep.mouth_sounds.make_voice`) is one uploader, with a few takes of each mouth sound
 (``pop``, ``click``, ``hiss``, ``hum``, ``whistle``: one label each; half in a quiet room, half over a louder
 room floor, :func:`data_prep.mouth_sounds.corpus_take`) and clips of its background (its room, its
-speech and other talkers, fan, traffic, babble: the label ``background``). Voices are split whole between
+speech and other talkers, fan, traffic, babble: the label ``background``). Given the real recordings of
+:mod:`data_prep.real_audio`, half of each voice's background clips are instead real speech or music of its
+``train`` split played in the voice's room (:func:`data_prep.mouth_sounds.recorded_in_room`): no speaker of the
+tuning or test splits is heard. Voices are split whole between
 train, val and eval (one in ten each to val and eval), so a partition by uploader is a partition by voice.
 Audio is written at 44.1 kHz, PCM_16, mono; ``fedsound data prep`` turns the tree into a feature store like
 any FSD50K tree. The same seed gives byte-identical files.
@@ -20,7 +23,17 @@ import soundfile as sf
 from tqdm import tqdm
 
 from data_prep.fsd50k import AUDIO_DIRS, GROUND_TRUTH, METADATA
-from data_prep.mouth_sounds import SOUNDS, background_take, corpus_take, make_aggressor_stream, make_voice
+from data_prep.mouth_sounds import (
+    SOUNDS,
+    Stream,
+    Voice,
+    background_take,
+    corpus_take,
+    make_aggressor_stream,
+    make_voice,
+    recorded_in_room,
+)
+from data_prep.real_audio import RealAudio
 from data_prep.synth import staged_tree, write_csv
 from fl.errors import ConfigError
 
@@ -35,23 +48,39 @@ TAKES_PER_SOUND = 2
 BACKGROUND_CLIPS = 8
 
 
+def background_clip(voice: Voice, v: int, j: int, seed: int, real: RealAudio | None) -> Stream:
+    """Background clip ``j`` of voice number ``v``: without real recordings, an aggressor stream (even ``j``) or
+    the voice's room with its speech (odd); with them, clips 2 and 3 of every 4 are real speech, or music for
+    clip 3 of every third voice, from the ``train`` split."""
+    clip_seed = [seed, 102, v, j]
+    if real is not None and j % 4 >= 2:
+        kind = "music" if j % 4 == 3 and v % 3 == 0 else "speech"
+        recording = real.stretch("train", kind, BACKGROUND_SECONDS, [seed, 103, v, j], RATE)
+        return recorded_in_room(recording, kind, clip_seed, RATE, (-34.0, -8.0) if kind == "music" else (-28.0, -6.0))
+    make = make_aggressor_stream if j % 2 == 0 else background_take
+    return make(voice, seconds=BACKGROUND_SECONDS, seed=clip_seed, sample_rate=RATE)
+
+
 def _split(voice: int) -> str:
     return {8: "val", 9: "eval"}.get(voice % 10, "train")
 
 
 def synthesize_mouth_corpus(out: Path, n_voices: int = VOICES, takes_per_sound: int = TAKES_PER_SOUND,
-                            background_clips: int = BACKGROUND_CLIPS, seed: int = 0, progress: bool = True) -> Path:
+                            background_clips: int = BACKGROUND_CLIPS, seed: int = 0, progress: bool = True,
+                            real_audio: Path | None = None) -> Path:
     """Write the corpus under ``out``; returns ``out``.
 
     Per voice: ``takes_per_sound`` takes of each mouth sound (2 s each) and ``background_clips`` clips of
-    background (4 s each, half aggressor streams, half the voice's room with its speech). ``out`` must not
-    exist or be an empty directory; the tree is written beside it and moved into place only when complete.
+    background (4 s each, :func:`background_clip`; ``real_audio``: the folder of ``fedsound data real-audio``).
+    ``out`` must not exist or be an empty directory; the tree is written beside it and moved into place only when
+    complete.
     Raises ConfigError for impossible sizes and DataError for an unusable ``out``.
     """
     if n_voices < 10 or takes_per_sound < 1 or background_clips < 1:
         raise ConfigError(f"mouth corpus: needs at least 10 voices, 1 take per sound and 1 background clip "
                           f"(got {n_voices}, {takes_per_sound}, {background_clips})")
     out = Path(out)
+    real = RealAudio(real_audio) if real_audio is not None else None
     with staged_tree(out) as root:
         for folder in (*AUDIO_DIRS.values(), GROUND_TRUTH, METADATA):
             (root / folder).mkdir(parents=True)
@@ -62,10 +91,7 @@ def synthesize_mouth_corpus(out: Path, n_voices: int = VOICES, takes_per_sound: 
             voice = make_voice([seed, 100, v])
             clips = [(kind, corpus_take(kind, voice, [seed, 101, v, k, j], RATE, TAKE_SECONDS).wave)
                      for k, kind in enumerate(SOUNDS) for j in range(takes_per_sound)]
-            for j in range(background_clips):
-                make = make_aggressor_stream if j % 2 == 0 else background_take
-                clips.append((BACKGROUND, make(voice, seconds=BACKGROUND_SECONDS, seed=[seed, 102, v, j],
-                                               sample_rate=RATE).wave))
+            clips += [(BACKGROUND, background_clip(voice, v, j, seed, real).wave) for j in range(background_clips)]
             split = _split(v)
             part = "eval" if split == "eval" else "dev"
             for label, wave in clips:

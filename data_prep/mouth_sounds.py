@@ -394,6 +394,15 @@ def background_take(voice: Voice, seed: Seed, sample_rate: int = SAMPLE_RATE, se
     return Stream(wave.astype(np.float32), sample_rate, [], aggressors)
 
 
+def recorded_in_room(recording: np.ndarray, kind: str, seed: Seed, sample_rate: int = SAMPLE_RATE,
+                     peak_db: tuple[float, float] = (-28.0, -6.0)) -> Stream:
+    """A recording (real speech or music at ``sample_rate``, peak 1) played in a user's room: at a peak level drawn
+    from ``peak_db`` over a room floor; the whole recording is one aggressor clip of ``kind``."""
+    rng = _rng(seed)
+    wave = _floor(rng, len(recording), sample_rate, quiet=False) + recording * db_to_gain(rng.uniform(*peak_db))
+    return Stream(wave.astype(np.float32), sample_rate, [], [(kind, 0.0, len(recording) / sample_rate)])
+
+
 def _aggressor_clip(rng: np.random.Generator, voice: Voice, rate: int) -> tuple[str, np.ndarray]:
     """A speech utterance (the user or someone else) or a stretch of babble, fan or traffic noise."""
     choice = rng.random()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 
@@ -25,3 +26,12 @@ def finite(value: Any) -> Any:
 def dumps(value: Any, **kwargs: Any) -> str:
     """``json.dumps`` of :func:`finite` ``(value)``, refusing any NaN or Infinity left."""
     return json.dumps(finite(value), allow_nan=False, **kwargs)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write :func:`dumps` ``(value)`` to ``path`` through a temporary file renamed into place: a reader never sees
+    a partial file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dumps(value, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
