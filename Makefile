@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench real-audio global-bundle clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,15 @@ bench: $(VENV)/.installed
 	for stage in prep train stream sim sweep; do \
 		$(VENV)/bin/fedsound bench $$stage --workdir work --out work/bench/$$stage.json || exit 1; \
 	done
+
+# real speech and music from Debian packages, split by speaker (apt-get download; not needed by make test)
+real-audio: $(VENV)/.installed
+	$(VENV)/bin/fedsound data real-audio work/real-audio
+
+# rebuild the global mouth-sound bundle fedsound ships (about an hour on 2 cores); prints its manifest's sha256
+global-bundle: real-audio
+	$(VENV)/bin/fedsound bench global --real-audio work/real-audio --central --ship --workdir work \
+		--out benchmarks/personalize/results/global.json
 
 clean:
 	rm -rf work .pytest_cache

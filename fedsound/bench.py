@@ -9,28 +9,35 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
+from typing import Any
 
 from fl.errors import ConfigError
 
 # stage -> (module, function); every function takes (workdir, quick, out_json, progress) and returns a dict of
-# figures; run_personalize_bench also takes settings (from --config), user_seeds (from --users),
-# aggressor_hours (from --aggressor-hours) and examples (from --examples).
+# figures; some take more (STAGE_OPTIONS).
 BENCHES = {
     "prep": ("benchmarks.prep.bench", "run_prep_bench"),
     "train": ("benchmarks.train.bench", "run_train_bench"),
     "sim": ("benchmarks.sim.bench", "run_sim_bench"),
     "sweep": ("benchmarks.sweep.bench", "run_sweep_bench"),
     "stream": ("benchmarks.stream.bench", "run_stream_bench"),
+    "global": ("benchmarks.personalize.global_model", "build_global_model"),
     "personalize": ("benchmarks.personalize.bench", "run_personalize_bench"),
     "privacy": ("benchmarks.privacy.bench", "run_privacy_bench"),
     "deploy": ("benchmarks.deploy.bench", "run_deploy_bench"),
 }
-# Options only bench personalize takes, and why the others refuse each.
-PERSONALIZE_ONLY = {
-    "--users": "has no synthetic users; only bench personalize takes them",
-    "--aggressor-hours": "has no aggressor audio; only bench personalize takes it",
-    "--examples": "enrolls nobody; only bench personalize takes a number of examples",
-    "--config": "has fixed settings; only bench personalize reads a config (its [personalize] table)",
+# Options only some benchmarks take: flag -> (the stages that take it, keyword argument, why the others refuse it).
+STAGE_OPTIONS = {
+    "--users": (("personalize",), "user_seeds", "has no synthetic users; only bench personalize takes them"),
+    "--aggressor-hours": (("personalize",), "aggressor_hours",
+                          "has no aggressor audio; only bench personalize takes it"),
+    "--examples": (("personalize",), "examples", "enrolls nobody; only bench personalize takes a number of examples"),
+    "--config": (("personalize",), "settings",
+                 "has fixed settings; only bench personalize reads a config (its [personalize] table)"),
+    "--real-audio": (("personalize", "global"), "real_audio",
+                     "uses no recordings; only bench personalize and bench global take them"),
+    "--central": (("global",), "central", "has no central run to add; only bench global takes it"),
+    "--ship": (("global",), "ship", "makes no global bundle; only bench global ships one"),
 }
 
 
@@ -46,36 +53,31 @@ def find_benchmarks(given: Path | None = None) -> Path:
                       "source, not the package: run from a checkout of fedsound or pass --benchmarks DIR")
 
 
-def run_bench(what: str, workdir: Path, quick: bool = False, out: Path | None = None, config: Path | None = None,
-              progress: bool = True, users: list[int] | None = None, aggressor_hours: float | None = None,
-              examples: list[int] | None = None, benchmarks: Path | None = None) -> int:
-    """Run one benchmark into ``workdir/bench/WHAT``. ``config``: a TOML file whose ``[personalize]`` table
-    bench personalize fine-tunes with; ``users``: the synthetic users' seeds bench personalize runs (default
-    its own four); ``aggressor_hours``: hours of aggressor-only audio per user (default 5); ``examples``: the
-    enrollment examples per sound it personalizes with (default 10 and 5); the other benchmarks have fixed
-    settings and refuse all four. ``progress``: progress bars on the long steps. ``benchmarks``: the source
-    checkout's ``benchmarks/`` folder (see :func:`find_benchmarks`)."""
+def run_bench(what: str, workdir: Path, quick: bool = False, out: Path | None = None, progress: bool = True,
+              benchmarks: Path | None = None, **options: Any) -> int:
+    """Run one benchmark into ``workdir/bench/WHAT``. ``options``: the values of :data:`STAGE_OPTIONS`' flags
+    (None when not given), refused by the stages that do not take them; ``--config`` is a TOML file whose
+    ``[personalize]`` table bench personalize fine-tunes with. ``progress``: progress bars on the long steps.
+    ``benchmarks``: the source checkout's ``benchmarks/`` folder (see :func:`find_benchmarks`)."""
     module_name, function = BENCHES[what]
-    given = {"--users": users, "--aggressor-hours": aggressor_hours, "--examples": examples, "--config": config}
-    if what != "personalize":
-        for flag, value in given.items():
-            if value is not None:
-                raise ConfigError(f"{flag}: bench {what} {PERSONALIZE_ONLY[flag]}")
-    options: dict = {}
-    if users is not None:
-        options["user_seeds"] = users
-    if aggressor_hours is not None:
-        options["aggressor_hours"] = aggressor_hours
-    if examples is not None:
-        options["examples"] = examples
-    if config is not None:
+    given = {}
+    for flag, (stages, keyword, refusal) in STAGE_OPTIONS.items():
+        value = options.pop(keyword, None)
+        if value is None or value is False:
+            continue
+        if what not in stages:
+            raise ConfigError(f"{flag}: bench {what} {refusal}")
+        given[keyword] = value
+    if options:
+        raise TypeError(f"run_bench: unknown options {sorted(options)}")
+    if "settings" in given:
         from clients.detector.personalize import load_personalize_config
 
-        options["settings"] = load_personalize_config(config)
+        given["settings"] = load_personalize_config(given["settings"])
     root = str(find_benchmarks(benchmarks).parent)
     if root not in sys.path:
         sys.path.insert(0, root)
     module = importlib.import_module(module_name)
     getattr(module, function)(workdir=Path(workdir) / "bench" / what, quick=quick, out_json=out, progress=progress,
-                              **options)
+                              **given)
     return 0

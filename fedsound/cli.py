@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fl import jsonfile
-from fl.config import CONFIG_DIR, Config, load_config
+from fl.config import CONFIG_DIR, LATENCY_CHOICES, Config, load_config
 from fl.errors import ConfigError, FedsoundError
 
 
@@ -44,6 +44,16 @@ def _distinct_integers(text: str) -> list[int]:
     return seeds
 
 
+def _users(text: str) -> list[int] | str:
+    """``--users``: ``test`` or ``tuning`` (the benchmark protocol's sets) or comma-separated seeds."""
+    if text in ("test", "tuning"):
+        return text
+    try:
+        return _distinct_integers(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"expected test, tuning or {exc}".replace("or expected ", "or ")) from None
+
+
 # --- data -------------------------------------------------------------------------------------------------
 
 
@@ -64,6 +74,7 @@ def cmd_data_mouth_sounds(args: argparse.Namespace) -> int:
 
     given = {"n_voices": args.voices, "takes_per_sound": args.takes, "background_clips": args.background}
     out = synthesize_mouth_corpus(Path(args.out), seed=args.seed or 0, progress=_progress(args),
+                                  real_audio=Path(args.real_audio) if args.real_audio else None,
                                   **{name: value for name, value in given.items() if value is not None})
     print(f"synthetic mouth-sound corpus (FSD50K layout, one uploader per voice): {out}")
     return 0
@@ -76,6 +87,19 @@ def cmd_data_download(args: argparse.Namespace) -> int:
     paths = download_fsd50k(Path(args.out), parts=parts, base_url=args.base_url or ZENODO_BASE_URL,
                             progress=_progress(args))
     print(f"downloaded and extracted {len(paths)} file(s) into {args.out}")
+    return 0
+
+
+def cmd_data_real_audio(args: argparse.Namespace) -> int:
+    from data_prep.real_audio import RealAudio, fetch_real_audio
+
+    manifest = fetch_real_audio(Path(args.out), debs=Path(args.debs) if args.debs else None,
+                                progress=_progress(args))
+    real = RealAudio(manifest.parent)
+    for (split, kind), by_source in sorted(real.files.items()):
+        print(f"{split:>5} {kind:<6} {sum(len(files) for files in by_source.values()):>5} files from "
+              f"{', '.join(sorted(by_source))}")
+    print(f"real recordings: {manifest}")
     return 0
 
 
@@ -244,7 +268,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     config = _config(args)
     device = int(args.device) if args.device is not None and args.device.isdigit() else args.device
     return listen(Path(args.source), config, input_=args.input, realtime=args.realtime, as_json=args.json,
-                  exec_map=args.exec or [], device=device, engine=args.engine)
+                  exec_map=args.exec or [], device=device, engine=args.engine, latency=args.latency)
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -260,7 +284,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def cmd_personalize(args: argparse.Namespace) -> int:
     from clients.detector.personalize import format_report, personalize
 
-    config = _config(args)
+    config = _config(args, {"personalize.latency": args.latency})
     report = personalize(Path(args.profile), Path(args.bundle) if args.bundle else None, config,
                          progress=_progress(args))
     print(format_report(report))
@@ -271,8 +295,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fedsound.bench import run_bench
 
     return run_bench(args.what, Path(args.workdir), quick=args.quick, out=Path(args.out) if args.out else None,
-                     config=args.config, progress=_progress(args), users=args.users,
-                     aggressor_hours=args.aggressor_hours, examples=args.examples, benchmarks=args.benchmarks)
+                     progress=_progress(args), benchmarks=args.benchmarks, settings=args.config,
+                     user_seeds=args.users, aggressor_hours=args.aggressor_hours, examples=args.examples,
+                     real_audio=Path(args.real_audio) if args.real_audio else None, central=args.central,
+                     ship=args.ship)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -317,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "the whole path on the built-in synthetic corpus, end to end", config=False)
     p.add_argument("--sweep", action="store_true", help="also run a tiny Ray Tune grid")
 
-    data = sub.add_parser("data", help="data commands: synth, mouth-sounds, download, prep, verify, partition")
+    data = sub.add_parser("data", help="data commands: synth, mouth-sounds, real-audio, download, prep, verify, "
+                          "partition")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = add("synth", cmd_data_synth, "write a small FSD50K-format corpus", dsub, config=False)
     p.add_argument("out")
@@ -331,11 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "one in ten each to val and eval")
     p.add_argument("--takes", type=int, help="takes of each mouth sound per voice (default: as --voices)")
     p.add_argument("--background", type=int, help="4 s background clips per voice (default: as --voices)")
+    p.add_argument("--real-audio", default=None,
+                   help="folder of `data real-audio`: half the background clips real speech and music (train split)")
     p = add("download", cmd_data_download, "fetch FSD50K (resumable, md5-checked), join split zips, extract", dsub,
               seed=False, config=False)
     p.add_argument("out")
     p.add_argument("--parts", default="dev,eval,meta", help="comma-separated: dev, eval, meta")
     p.add_argument("--base-url", default=None, help="mirror to fetch from (default: Zenodo record 4060432)")
+    p = add("real-audio", cmd_data_real_audio, "fetch real speech and music (Debian packages), split by speaker",
+            dsub, seed=False, config=False)
+    p.add_argument("out")
+    p.add_argument("--debs", default=None, help="a folder of already-downloaded .deb files (default: apt-get download)")
     p = add("prep", cmd_data_prep, "FSD50K tree -> log-mel feature store + manifests", dsub, seed=False)
     p.add_argument("fsd50k_dir")
     p.add_argument("store")
@@ -439,7 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("personalize", cmd_personalize, "private fine-tuning on the laptop")
     p.set_defaults(config=CONFIG_DIR / "detector" / "personalize.toml")
     p.add_argument("profile")
-    p.add_argument("--bundle", default=None, help="global detector bundle (default: the one used last time)")
+    p.add_argument("--bundle", default=None,
+                   help="global detector bundle (default: the one used last time, else the one fedsound ships)")
+    p.add_argument("--latency", choices=LATENCY_CHOICES, default=None,
+                   help="faster detection against more false triggers (default: the config's, safe); every choice "
+                        "is calibrated and kept, and listen --latency switches")
 
     p = add("listen", cmd_listen, "streaming detection from microphone or file; events as JSON lines", seed=False)
     p.add_argument("source", metavar="PROFILE-or-BUNDLE", nargs="?")
@@ -447,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, metavar="N-or-NAME",
                    help="input device (index or name; default: the system's default input), at its native rate")
     p.add_argument("--list-devices", action="store_true", help="list input devices with their native rates")
+    p.add_argument("--latency", choices=LATENCY_CHOICES, default=None,
+                   help="a personal bundle's other latency choice (default: the one it was personalized with)")
     p.add_argument("--engine", choices=["auto", "torch", "onnx"], default="auto",
                    help="torch, or onnx: the bundle's portable files (numpy + onnxruntime); auto: torch if installed")
     p.add_argument("--realtime", action="store_true", help="pace a file at real time")
@@ -454,19 +493,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exec", action="append", metavar="LABEL=COMMAND", help="run COMMAND on each LABEL event")
 
     p = add("bench", cmd_bench, "the project's own benchmarks", seed=False)
-    p.add_argument("what", choices=["prep", "train", "sim", "sweep", "stream", "personalize", "privacy", "deploy"])
+    p.add_argument("what", choices=["prep", "train", "sim", "sweep", "stream", "global", "personalize", "privacy",
+                                    "deploy"])
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     p.add_argument("--out", default=None, help="JSON file for the figures")
     p.add_argument("--benchmarks", type=Path, default=None, metavar="DIR",
                    help="the source checkout's benchmarks/ folder (default: beside the package, or ./benchmarks)")
-    p.add_argument("--users", type=_distinct_integers, default=None, metavar="SEED,SEED,...",
-                   help="bench personalize: the synthetic users to run (default 7,8,9,10, the benchmark's own)")
+    p.add_argument("--users", type=_users, default=None, metavar="test|tuning|SEED,SEED,...",
+                   help="bench personalize: the synthetic users to run (default: the protocol's test users)")
     p.add_argument("--aggressor-hours", type=float, default=None, metavar="H",
                    help="bench personalize: hours of aggressor-only audio per user (default 5: 20 h over four "
                         "users, enough to tell a rate of 0.3 per hour from 0.6)")
     p.add_argument("--examples", type=_distinct_integers, default=None, metavar="N,N,...",
                    help="bench personalize: enrollment examples per sound, one profile each (default 10,5; "
                         "10 alone halves the time a screen of settings takes)")
+    p.add_argument("--real-audio", default=None, metavar="DIR",
+                   help="bench global, personalize: real recordings (`fedsound data real-audio DIR`): train split "
+                        "in the global model's background, test split as aggressors")
+    p.add_argument("--central", action="store_true", help="bench global: also train centrally and report the gap")
+    p.add_argument("--ship", action="store_true", help="bench global: copy the bundle into the package")
     return parser
 
 

@@ -306,6 +306,7 @@ class DetectorConfig:
                    f"class-min-duration-ms.{label!r}", f"must be a non-negative number, got {ms!r}")
 
 
+LATENCY_CHOICES = ("safe", "balanced", "fast")  # personalize.latency: slowest and surest first
 ADAPT_MODES = ("head", "last-block", "all")
 
 
@@ -360,10 +361,18 @@ class PersonalizeConfig:
     refractory_ms: float = 300.0
     min_onset_rise_db: float = 6.0  # the detector's min-onset-rise-db: a fan or a sound already under way
     # cannot trigger
+    # detection latency against false triggers, the user's choice: "safe" keeps the holds above; "balanced" and
+    # "fast" cap every sound's hold at latency-holds-ms [balanced, fast] (each choice is calibrated and kept in
+    # the personal bundle, so listen can switch)
+    latency: str = "safe"
+    latency_holds_ms: tuple[float, ...] = (160.0, 80.0)
 
     def __post_init__(self) -> None:
         checks = [
             (self.adapt in ADAPT_MODES, "adapt", f"must be one of {', '.join(ADAPT_MODES)}"),
+            (self.latency in LATENCY_CHOICES, "latency", f"must be one of {', '.join(LATENCY_CHOICES)}"),
+            (len(self.latency_holds_ms) == 2 and 0 < self.latency_holds_ms[1] <= self.latency_holds_ms[0],
+             "latency-holds-ms", "must be [balanced, fast] with 0 < fast <= balanced"),
             (self.steps >= 1, "steps", "must be at least 1"),
             (self.head_warmup_steps >= 0, "head-warmup-steps", "must be non-negative"),
             (self.distill_weight >= 0, "distill-weight", "must be non-negative"),

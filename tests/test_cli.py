@@ -131,6 +131,15 @@ def test_bench_users_hours_and_examples_are_checked_and_only_bench_personalize_t
     code = main(["bench", "train", "--examples", "10", "--workdir", str(tmp_path), "-q"])
     assert code == 1
     assert "--examples: bench train enrolls nobody" in capsys.readouterr().err
+    for stage, flag, refusal in (("prep", "--ship", "makes no global bundle"), ("personalize", "--central",
+                                 "has no central run"), ("train", "--real-audio", "uses no recordings")):
+        code = main(["bench", stage, flag, *(["DIR"] if flag == "--real-audio" else []), "--workdir", str(tmp_path),
+                     "-q"])
+        assert code == 1 and f"{flag}: bench {stage} {refusal}" in capsys.readouterr().err
+        assert not (tmp_path / "bench" / stage).exists()
+    with pytest.raises(SystemExit):
+        main(["bench", "personalize", "--users", "tuned", "--workdir", str(tmp_path), "-q"])
+    assert "--users: expected test, tuning or comma-separated integers, got 'tuned'" in capsys.readouterr().err
     code = main(["bench", "personalize", "--examples", "10,3", "--workdir", str(tmp_path), "-q"])
     assert code == 1
     assert "examples: need one or more distinct counts of at least min-examples (5), got [10, 3]" in \

@@ -86,3 +86,18 @@ def test_an_installed_fedsound_says_where_benchmarks_live(installed, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: benchmarks:") and "\n" not in result.stderr.strip()
     assert "run from a checkout" in result.stderr
+
+
+def test_the_wheel_ships_the_global_bundle_and_an_installed_fedsound_personalizes_from_it(wheel, installed,
+                                                                                          tmp_path):
+    from clients.detector.bundle import SHIPPED_BUNDLE, load_bundle
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    files = {f"clients/detector/global_bundle/{p.name}" for p in SHIPPED_BUNDLE.iterdir()}
+    assert "clients/detector/global_bundle/bundle.json" in files and files <= names
+    code = ("from clients.detector.bundle import load_bundle, shipped_bundle; b = shipped_bundle(); print(b); "
+            "print(load_bundle(b).manifest['manifest_sha256'])")
+    result = _run(installed, "python", "-c", code, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    path, sha256 = result.stdout.split()
+    assert Path(path).is_relative_to(installed) and sha256 == load_bundle(SHIPPED_BUNDLE).manifest["manifest_sha256"]

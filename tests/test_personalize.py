@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from clients.detector import bundle as bundle_module
 from clients.detector.bundle import load_bundle, write_bundle
 from clients.detector.enroll import enroll
 from clients.detector.listen import listen
@@ -125,6 +126,26 @@ def test_offline_enroll_personalize_listen(offline_run, capsys):
         assert 0 < row["off_threshold"] <= row["on_threshold"] < 1
 
 
+def test_every_latency_choice_is_calibrated_kept_in_the_bundle_and_listen_switches(offline_run):
+    from clients.detector.listen import make_detector
+    from clients.detector.manifest import BundleError, read_manifest
+
+    report, profile = offline_run["report"], offline_run["profile"]
+    detectors = report["latency_detectors"]
+    assert report["latency"] == "safe" and list(detectors) == ["safe", "balanced", "fast"]
+    safe_holds = detectors["safe"].class_min_duration_ms
+    assert safe_holds == {name: row["min_duration_ms"] for name, row in report["sounds"].items()}
+    for choice, cap in zip(("balanced", "fast"), SMALL.latency_holds_ms, strict=True):
+        assert detectors[choice].class_min_duration_ms == {name: min(hold, cap) for name, hold in safe_holds.items()}
+    manifest = read_manifest(profile)
+    assert manifest.detector == detectors["safe"]  # the configured choice is the bundle's own
+    for choice in ("safe", "fast"):
+        detector = make_detector(profile, Config(), "onnx", latency=choice)[0]
+        assert detector.tracker.settings == detectors[choice]
+    with pytest.raises(BundleError, match="no detector settings for latency 'fast' \\(personalize it first\\)"):
+        make_detector(offline_run["bundle"], Config(), "onnx", latency="fast")
+
+
 def test_personal_bundle_is_private_and_found_by_listen(offline_run):
     profile = offline_run["profile"]
     bundle = load_bundle(profile)
@@ -211,7 +232,7 @@ def test_exported_model_drops_the_background_output(offline_run):
         assert torch.allclose(sound_model(model)(x), model(x)[..., 1:])
 
 
-def test_not_enough_examples_says_how_many_more(tmp_path):
+def test_not_enough_examples_says_how_many_more(tmp_path, monkeypatch):
     voice = make_voice(4)
     profile = tmp_path / "me"
     for sound, count in (("click", 3), ("hum", 5)):
@@ -220,7 +241,11 @@ def test_not_enough_examples_says_how_many_more(tmp_path):
     bundle = _global_bundle(tmp_path / "global")
     with pytest.raises(PersonalizeError, match=r"not enough examples \(5 per sound\): click has 3 and needs 2 more"):
         personalize(profile, bundle, Config(), progress=False, settings=SMALL)
+    monkeypatch.setattr(bundle_module, "SHIPPED_BUNDLE", tmp_path / "not-built")
     with pytest.raises(PersonalizeError, match="no global model: pass --bundle"):
+        personalize(profile, None, Config(), progress=False, settings=SMALL)
+    monkeypatch.setattr(bundle_module, "SHIPPED_BUNDLE", bundle)  # without --bundle, the shipped one is used
+    with pytest.raises(PersonalizeError, match=r"not enough examples"):
         personalize(profile, None, Config(), progress=False, settings=SMALL)
     empty = tmp_path / "empty"
     Profile.open(empty)
@@ -352,7 +377,10 @@ def test_settings_file(tmp_path):
                           ("rise-threshold = 0", r"personalize.rise-threshold: must be in \(0, 1\]"),
                           ("brief-sound-max-on = 0", r"personalize.brief-sound-max-on: must be in \(0, 1\]"),
                           ("min-on-threshold = 0.72", r"personalize.min-on-threshold: must be in \[0, "
-                                                      r"brief-sound-max-on - 0.05\]")):
+                                                      r"brief-sound-max-on - 0.05\]"),
+                          ('latency = "instant"', "personalize.latency: must be one of safe, balanced, fast"),
+                          ("latency-holds-ms = [80.0, 160.0]", r"personalize.latency-holds-ms: must be \[balanced, "
+                                                               r"fast\] with 0 < fast <= balanced")):
         path.write_text(f"[personalize]\n{body}\n")
         with pytest.raises(ConfigError, match=f"{path}: {message}"):
             load_personalize_config(path)
@@ -485,6 +513,25 @@ def test_bench_pools_users_by_summing_counts_and_hours():
     assert first.triggers == {"hum": {"speech": 2}}
 
 
+def test_the_targets_are_checked_on_the_real_recordings_and_per_sound_latency():
+    from benchmarks.personalize.bench import target_checks
+
+    row = {"precision": 1.0, "recall": 0.96, "false_triggers_per_hour": 2.0,
+           "by_source": {"synthetic": {"false_triggers_per_hour": 2.0}, "real speech": {"false_triggers_per_hour": 0.2},
+                         "real music": {"false_triggers_per_hour": 0.5}},
+           "median_latency_ms_by_sound": {"pop": 110.0, "click": 130.0, "hiss": 190.0, "hum": 250.0,
+                                          "whistle": float("nan")}}
+    checks = dict(target_checks(row))
+    assert checks["precision >= 0.95"] and checks["recall >= 0.95"]
+    assert checks["real speech <= 0.3/h"] and not checks["real music <= 0.3/h"]
+    assert "synthetic <= 0.3/h" not in checks  # the target is about real speech and music
+    assert checks["pop latency <= 120 ms"] and not checks["click latency <= 120 ms"]
+    assert checks["hiss latency <= 200 ms"] and not checks["hum latency <= 200 ms"]
+    assert not checks["whistle latency <= 200 ms"]  # nothing detected: not met
+    del row["by_source"]
+    assert not dict(target_checks(row))["aggressors <= 0.3/h"]  # without recordings: all the aggressor audio
+
+
 def test_a_false_trigger_belongs_to_the_aggressor_clip_under_it():
     from benchmarks.personalize.bench import aggressor_under
 
@@ -518,9 +565,18 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_
 
     report = run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12), aggressor_hours=0.05)
     assert list(report["users"]) == ["11"]  # quick runs the first user only
-    assert [r["aggressor_hours"] for r in report["results"].values()] == pytest.approx([0.05, 0.05], rel=1e-3)
+    assert [r["aggressor_hours"] for r in report["results"].values()] == pytest.approx([0.05] * 6, rel=1e-3)
+    # each latency choice is a calibration of the same fine-tuned model: one row each, the configured one plain
+    assert sorted(report["results"]) == ["10_examples", "10_examples_balanced", "10_examples_fast", "5_examples",
+                                         "5_examples_balanced", "5_examples_fast"]
+    assert [report["results"][f"10_examples{k}"]["latency"] for k in ("", "_balanced", "_fast")] == [
+        "safe", "balanced", "fast"]
     # the global model's corpus WAVs are gone once prepared; the feature store it was trained on stays
-    assert not (tmp_path / "mouth-corpus").exists() and (tmp_path / "store" / "store.h5").is_file()
+    # the global model comes out of a federation of the corpus's voices, partitioned by uploader (one per voice)
+    built = tmp_path / "global"
+    assert not (built / "mouth-corpus").exists() and (built / "store" / "store.h5").is_file()
+    assert json.loads((built / "global.json").read_text())["settings"]["partition"]["by"] == "uploader"
+    assert (built / "federated-run" / "model.pt").is_file() and not (built / "central-run").exists()
     written = json.loads((tmp_path / "personalize.json").read_text())["results"]
     assert {k: v["per_sound"] for k, v in written.items()} == {k: v["per_sound"] for k, v in report["results"].items()}
     (seed, user), = report["users"].items()
@@ -530,7 +586,7 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_
         assert sum(row["tp"] + row["fn"] for row in own["per_sound"].values()) == user["test_stream"]["events"]
         assert 0.0 <= own["untuned_held_out_f1"] <= 1.0 and own["fine_tune_seconds"] > 0
     table = capsys.readouterr().out
-    assert f"per user (precision/recall/false triggers): {seed} " in table and "targets (10 examples)" in table
+    assert f"per user (precision/recall/false triggers): {seed} " in table and "targets: precision >= 0.95" in table
     # the operating points rerun the post-processing over saved probabilities: at the picked settings they
     # reproduce the bench's own figures
     ten = user["10_examples"]

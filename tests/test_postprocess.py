@@ -65,6 +65,19 @@ def test_minimum_duration_drops_short_runs_and_delays_the_onset_event():
     assert events[1].latency_ms == pytest.approx(30.0)
 
 
+def test_one_update_with_a_time_per_frame_stamps_each_event_as_frame_by_frame_streaming_would():
+    settings = DetectorConfig(min_duration_ms=30, refractory_ms=0)
+    probs = np.array([0.0, 0.9, 0.9, 0.9, 0.1, 0.0, 0.8, 0.9, 0.95, 0.9, 0.0], np.float32)[:, None]
+    stamps = 0.015 + FRAME_S * np.arange(len(probs))
+    tracker = EventTracker(["x"], settings, FRAME_S)
+    streamed = [e for t, row in enumerate(probs) for e in tracker.update(row[None], stamps[t])]
+    at_once = EventTracker(["x"], settings, FRAME_S).update(probs, stamps)
+    assert at_once == streamed and [e.type for e in at_once] == ["onset", "offset", "onset", "offset"]
+    assert [e.emitted_s for e in at_once if e.type == "onset"] == pytest.approx([0.045, 0.095])
+    with pytest.raises(ValueError):
+        EventTracker(["x"], settings, FRAME_S).update(probs, stamps[:-1])
+
+
 def test_refractory_time_blocks_a_second_event_after_the_offset():
     settings = DetectorConfig(min_duration_ms=0, refractory_ms=100)
     burst, gap = [0.9, 0.9], [0.0]

@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks.personalize.tradeoff import (
     EXTRA_HOLD_MS,
+    FAST_HOLDS_MS,
     ON_THRESHOLDS,
     REGION_GAP_FRAMES,
     SavedProbabilities,
@@ -90,7 +91,7 @@ def _run(test_bursts: list[tuple[int, int, float]], aggressor_bursts: list[tuple
     reference = [("pop", start * FRAME_S) for start, _, _ in test_bursts]
     levels = np.zeros(len(aggressor))
     return SavedProbabilities(LABELS, _detector(), FRAME_S, test, reference, [aggressor[:100000], aggressor[100000:]],
-                              np.zeros(len(test)), [levels[:100000], levels[100000:]])
+                              np.zeros(len(test)), [levels[:100000], levels[100000:]], delay_s=0.015)
 
 
 def test_operating_points_pool_counts_and_hours_over_users():
@@ -108,6 +109,13 @@ def test_operating_points_pool_counts_and_hours_over_users():
     longer = operating_point([a, b], "pop", 0.5, 50.0)  # hold 150 ms: A's 120 ms pops and trigger are dropped
     assert (longer.counts.tp, longer.false_triggers) == (1, 1)
     assert longer.to_dict()["false_triggers_per_hour"] == pytest.approx(1.0)
+    # latency: confirmed on the hold's last frame, written the frontend's delay later
+    assert picked.to_dict()["median_latency_ms"] == pytest.approx(90.0 + 15.0)
+    assert longer.to_dict()["median_latency_ms"] == pytest.approx(140.0 + 15.0)
+    fast = operating_point([a, b], "pop", 0.5, 0.0, hold_ms=30.0)  # the same short hold for every user
+    assert fast.to_dict()["median_latency_ms"] == pytest.approx(20.0 + 15.0)
+    assert (fast.counts.tp, fast.false_triggers) == (3, 2)
+    assert np.isnan(operating_point([a], "pop", 0.99, 0.0).to_dict()["median_latency_ms"])  # nothing found
 
 
 def test_a_picked_off_equal_to_on_stays_at_on_at_every_other_threshold():
@@ -133,7 +141,8 @@ def test_saved_probabilities_round_trip_and_the_table_and_figure(tmp_path):
     assert [len(c) for c in back.aggressor_levels] == [len(c) for c in run.aggressor]
     table = tradeoff([back])
     assert set(table) == set(LABELS)
-    assert list(table["pop"]) == [f"+{extra:g}ms" for extra in EXTRA_HOLD_MS]
+    assert back.delay_s == run.delay_s == 0.015
+    assert list(table["pop"]) == [f"+{extra:g}ms" for extra in EXTRA_HOLD_MS] + [f"{h:g}ms" for h in FAST_HOLDS_MS]
     assert set(table["pop"]["+0ms"]) == {"picked", *(f"{on:g}" for on in ON_THRESHOLDS)}
     assert table["pop"]["+0ms"]["0.7"]["false_triggers"] == 1 and table["pop"]["+0ms"]["0.5"]["false_triggers"] == 2
     assert "pop" in format_tradeoff(table)

@@ -1,51 +1,48 @@
 """``fedsound bench personalize``: detection quality after private fine-tuning, and the fine-tuning time.
 
-1. Global model. ``WORKDIR/global-bundle`` when it exists; otherwise it is made here, as a federation of
-   many users would make it: a synthetic corpus of ``data_prep.mouth_corpus.VOICES`` voices (960), each with
-   takes of the five mouth sounds and clips of its background (:mod:`data_prep.mouth_corpus`, in FSD50K's
-   layout, one uploader per voice; deleted once its features are stored), a feature store with the Lea et al.
-   frontend (``configs/features/lea16k.toml``: 16 kHz, 64 bands, 10 ms hop; ``data prep``), a TCN trained
-   centrally on it (``train``, standing in for the federated run) and exported with background patches of
-   those voices (``export --exclude-labels`` the five sounds).
-2. Synthetic users (``USER_SEEDS``, four, or those of ``--users``; their voices are not in the corpus): each
-   enrolls 10 takes of each of the five mouth sounds and three minutes of background (six 30 s takes of their
-   room with its noises, sometimes a television, and their own speech) through
-   :func:`clients.detector.enroll.enroll` from
-   WAV files; a second profile holds the first 5 takes of each sound and the same background (``EXAMPLES``;
-   ``--examples`` chooses the counts: ``--examples 10`` alone halves the run time and gives the same 10-example
-   figures).
+1. Global model: ``WORKDIR/global-bundle`` when it exists, else the global bundle fedsound ships, else (and with
+   ``quick``) one built by the federation of :mod:`benchmarks.personalize.global_model`.
+2. Synthetic users (:data:`PROTOCOL`: the ``test`` users by default, ``--users tuning`` or seeds; their voices
+   are not in the global model's corpus): each enrolls 10 takes of each of the five mouth sounds and three
+   minutes of background (six 30 s takes of their room with its noises, sometimes a television, and their own
+   speech) through :func:`clients.detector.enroll.enroll` from WAV files; a second profile holds the first 5
+   takes of each sound and the same background (``EXAMPLES``; ``--examples`` chooses the counts).
 3. :func:`clients.detector.personalize.personalize` fine-tunes each profile (timed).
 4. Each personal bundle runs (frontend, TCN, the streaming post-processing) over its user's held-out test
-   stream (mouth sounds at known onsets between speech-like and noise aggressors) and over five hours of that
-   user's aggressor-only audio (``AGGRESSOR_HOURS``; ``--aggressor-hours`` sets it). Figures, pooled over the
-   users (summed event counts, all false triggers over all the aggressor hours) and per user: event-level
-   precision and recall with a 100 ms onset collar, false triggers per hour on the aggressor-only audio, median
-   detection latency (onset event emitted, frontend delay included, minus the true onset), fine-tuning time.
-   It takes tens of hours to tell a rate of 0.3 per hour from 0.6: no false trigger in 20 h bounds the rate
-   below 0.15 per hour (95%), which one hour per user cannot.
+   stream (mouth sounds at known onsets between speech-like and noise aggressors) and over the user's
+   aggressor-only audio: ``AGGRESSOR_HOURS`` of synthetic aggressors (``--aggressor-hours``) and, with
+   ``--real-audio DIR``, ``REAL_SPEECH_HOURS`` of real speech and ``REAL_MUSIC_HOURS`` of real music from the
+   recordings' ``test`` split (:mod:`data_prep.real_audio`: speakers the global model never heard), played in
+   the user's room. Figures, pooled over the users (summed event counts, all false triggers over all the
+   aggressor hours) and per user: event-level precision and recall with a 100 ms onset collar, false triggers
+   per hour on each source of aggressor audio, median detection latency per sound (onset event emitted,
+   frontend delay included, minus the true onset), fine-tuning time. No false trigger in 20 h bounds the rate
+   below 0.15 per hour (95%), which one hour cannot.
 5. Operating points (:mod:`benchmarks.personalize.tradeoff`): each personal model's probabilities over its
-   user's audio are
-   saved (``user-U/probabilities-N.npz``); for the largest count of examples (10) the post-processing is rerun
-   over them at other on-thresholds and holds, pooled over the users: a table, and a figure beside the JSON
-   (``NAME-tradeoff.png``).
+   user's audio are saved (``user-U/probabilities-N.npz``); for the largest count of examples the
+   post-processing is rerun over them at other on-thresholds and holds, pooled over the users: a table, and a
+   figure beside the JSON (``NAME-tradeoff.png``).
 6. Resume: each user's figures are saved (``user-U/result.json``) as soon as they are measured, keyed by
-   everything they depend on (:func:`user_key`: the code, settings, sizes, seeds, examples and global model); a rerun
-   takes a user whose key matches from there instead of measuring it again.
+   everything they depend on (:func:`user_key`: the code, settings, sizes, seeds, examples, global model and
+   recordings); a rerun takes a user whose key matches from there instead of measuring it again.
 
-Targets, with 10 examples per sound: precision and recall at least 0.95, at most 0.3 false
-triggers per hour. ``quick`` shrinks every size, takes one user and fine-tunes 200 steps only, after at most 40
-of the head alone (smoke test; its figures mean little).
+Targets (:data:`TARGETS`), with 10 examples per sound: precision and recall at least 0.95, at most 0.3 false
+triggers per hour on real speech and music, median latency at most 120 ms for brief sounds and 200 ms for
+sustained ones. ``quick`` shrinks every size, takes one user and fine-tunes 200 steps only, after at most 40 of
+the head alone (smoke test; its figures mean little).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import time
+import tomllib
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +52,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.common import machine_info, write_json
+from benchmarks.personalize.global_model import build_global_model
 from benchmarks.personalize.tradeoff import (
     SavedProbabilities,
     format_tradeoff,
@@ -63,14 +61,14 @@ from benchmarks.personalize.tradeoff import (
     save_probabilities,
     tradeoff,
 )
-from clients.detector.bundle import Bundle, export_bundle, load_bundle
+from clients.detector.bundle import Bundle, load_bundle, shipped_bundle
 from clients.detector.enroll import enroll
 from clients.detector.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
 from clients.detector.personalize import PersonalizeConfig, load_personalize_config, personalize
 from clients.detector.postprocess import EventTracker
 from clients.detector.torch_stream import frame_probabilities
-from data_prep.mouth_corpus import BACKGROUND_CLIPS, TAKES_PER_SOUND, VOICES, synthesize_mouth_corpus
 from data_prep.mouth_sounds import (
+    SAMPLE_RATE,
     SOUNDS,
     Stream,
     background_take,
@@ -78,64 +76,65 @@ from data_prep.mouth_sounds import (
     make_aggressor_stream,
     make_test_stream,
     make_voice,
+    recorded_in_room,
 )
-from fl.config import CONFIG_DIR, Config, load_config, to_dict
+from data_prep.real_audio import RealAudio
+from fl.config import Config, DetectorConfig, to_dict
 from fl.errors import ConfigError
 
 TARGETS = {"precision": 0.95, "recall": 0.95, "false_triggers_per_hour": 0.3}
+LATENCY_TARGETS_MS = {"pop": 120.0, "click": 120.0, "hiss": 200.0, "hum": 200.0, "whistle": 200.0}
 EXAMPLES = (10, 5)  # enrollment examples per sound: one profile per count, the takes of the smaller ones a prefix
-AGGRESSOR_HOURS = 5.0  # aggressor-only audio per user
+AGGRESSOR_HOURS = 2.0  # synthetic aggressor-only audio per user
 AGGRESSOR_CHUNK_S = 300.0
-USER_SEEDS = (7, 8, 9, 10)  # the synthetic users, in order
+REAL_SPEECH_HOURS, REAL_MUSIC_HOURS = 0.5, 0.25  # per user, of the real recordings' test split
+REAL_CHUNK_S = 60.0
+PROTOCOL = Path(__file__).with_name("protocol.toml")  # the tuning and test users, fixed before any tuning
+USER_SETS = ("tuning", "test")
 BACKGROUND_TAKE_S = 30.0
 BUNDLE_BACKGROUND_PATCHES = 320  # about 4 MB of float16 patches: the most a bundle carries
 # A false trigger belongs to the aggressor clip under its onset, from 50 ms before the clip starts (frame
 # centring) to 300 ms after it ends (the clip still fills most of the receptive field); otherwise to the floor.
 ATTRIBUTION_S = (0.05, 0.3)
 FLOOR = "floor"
+SYNTHETIC = "synthetic"  # the synthetic aggressor audio (speech-like, babble, fan, traffic)
+REAL_KINDS = {"speech": "real speech", "music": "real music"}  # recordings of data_prep.real_audio -> aggressor kind
+REAL_KINDS_BY_NAME = set(REAL_KINDS.values())
 USER_RESULT = "result.json"  # a user's figures, saved as soon as they are measured (resume)
+
+
+def protocol_users(which: str) -> list[int]:
+    """The ``tuning`` or ``test`` users of :data:`PROTOCOL`."""
+    if which not in USER_SETS:
+        raise ConfigError(f"users: expected {' or '.join(USER_SETS)} or seeds, got {which!r}")
+    with PROTOCOL.open("rb") as handle:
+        return list(tomllib.load(handle)[f"{which}-users"])
 
 
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"voices": 10, "takes_per_sound": 1, "background_clips": 1, "epochs": 1, "events_per_sound": 6,
-                "aggressor_s": 120.0, "background_takes": 2, "steps": 200, "users": 1}
-    return {"voices": VOICES, "takes_per_sound": TAKES_PER_SOUND, "background_clips": BACKGROUND_CLIPS,
-            "epochs": 10, "events_per_sound": 40, "aggressor_s": 3600.0 * AGGRESSOR_HOURS, "background_takes": 6,
-            "steps": None, "users": None}
+        return {"events_per_sound": 6, "aggressor_s": 120.0, "background_takes": 2, "steps": 200, "users": 1,
+                "real_speech_s": 60.0, "real_music_s": 30.0}
+    return {"events_per_sound": 40, "aggressor_s": 3600.0 * AGGRESSOR_HOURS, "background_takes": 6,
+            "steps": None, "users": None, "real_speech_s": 3600.0 * REAL_SPEECH_HOURS,
+            "real_music_s": 3600.0 * REAL_MUSIC_HOURS}
 
 
-def global_bundle(workdir: Path, quick: bool, seed: int, progress: bool) -> tuple[Path, str, str]:
-    """The global detector bundle (made from a synthetic many-voice mouth-sound corpus if missing), its manifest
-    SHA-256 and how it was made."""
-    bundle = workdir / "global-bundle"
-    if (bundle / "bundle.json").is_file():
-        sha = load_bundle(bundle).manifest["manifest_sha256"]
-        return bundle, sha, f"existing bundle {bundle} (manifest sha256 {sha})"
-    from data_prep.prep import prep
-    from fl.train import train_central
-
-    sizes = _sizes(quick)
-    features = CONFIG_DIR / "features" / "lea16k.toml"
-    config = load_config(features, overrides={"seed": seed, "train.epochs": sizes["epochs"], "train.lr": 2e-3,
-                                              "train.patience": 0, "train.device": "cpu"})
-    corpus, store = workdir / "mouth-corpus", workdir / "store" / "store.h5"
-    shutil.rmtree(corpus, ignore_errors=True)
-    synthesize_mouth_corpus(corpus, n_voices=sizes["voices"], takes_per_sound=sizes["takes_per_sound"],
-                            background_clips=sizes["background_clips"], seed=seed, progress=progress)
-    prep(corpus, store, config.frontend, workers=2, progress=progress)
-    shutil.rmtree(corpus)  # gigabytes of WAV; the feature store holds what training reads
-    run = workdir / "global-run"
-    shutil.rmtree(run, ignore_errors=True)
-    result = train_central(store, config, run, progress=progress)
-    export_bundle(run / "model.pt", bundle, config, store=store, background_patches=BUNDLE_BACKGROUND_PATCHES,
-                  exclude_labels=SOUNDS)
-    manifest = load_bundle(bundle).manifest
-    origin = (f"TCN ({config.model.channels} channels) trained {sizes['epochs']} epochs on a synthetic mouth-sound "
-              f"corpus of {sizes['voices']} voices (data_prep/mouth_corpus.py; the user's voice is not among them) "
-              f"with the lea16k frontend (val mAP {result['best_mAP']:.3f}), exported with "
-              f"{manifest['background']['patches']} background patches of those voices")
-    return bundle, manifest["manifest_sha256"], origin
+def global_bundle(workdir: Path, quick: bool, seed: int, progress: bool, real_audio: Path | None
+                  ) -> tuple[Path, str, str]:
+    """The global detector bundle, its manifest SHA-256 and where it came from: ``WORKDIR/global-bundle`` if it
+    exists, else the bundle fedsound ships (not with ``quick``), else one built here by the federation of
+    :mod:`benchmarks.personalize.global_model` (in ``WORKDIR/global``)."""
+    for bundle, what in ((workdir / "global-bundle", "existing bundle"),
+                         (None if quick else shipped_bundle(), "the shipped global bundle")):
+        if bundle is not None and (bundle / "bundle.json").is_file():
+            sha = load_bundle(bundle).manifest["manifest_sha256"]
+            return bundle, sha, f"{what} {bundle} (manifest sha256 {sha})"
+    report = build_global_model(workdir / "global", quick=quick, progress=progress, seed=seed, real_audio=real_audio)
+    origin = (f"federated TCN over {report['sizes']['n_voices']} voices (benchmarks/personalize/global_model.py; "
+              f"eval mAP {report['federated_eval_mAP']:.3f}), background "
+              + ("half real recordings" if real_audio else "synthetic only"))
+    return Path(report["bundle"]), report["manifest_sha256"], origin
 
 
 def _write_takes(folder: Path, waves: list[np.ndarray], rate: int) -> list[Path]:
@@ -173,20 +172,18 @@ def enroll_user(workdir: Path, sizes: dict[str, Any], seed: int, user_seed: int,
     return profiles
 
 
-def detect(bundle: Bundle, probs: np.ndarray, levels: np.ndarray) -> list[tuple[str, float, float]]:
-    """Onset events ``(label, onset_s, emitted_s)`` of a bundle's post-processing over its probabilities and the
-    frames' levels.
+def detect(bundle: Bundle, probs: np.ndarray, levels: np.ndarray, detector: DetectorConfig | None = None
+           ) -> list[tuple[str, float, float]]:
+    """Onset events ``(label, onset_s, emitted_s)`` of a bundle's post-processing (or ``detector``'s) over its
+    probabilities and the frames' levels.
 
     ``emitted_s`` is when a streaming detector emits the event: its confirming frame plus the frontend delay.
     """
     frame_s, delay_s = bundle.frontend_config.frame_s, bundle.frontend_config.delay_s
-    tracker = EventTracker(bundle.labels, bundle.detector, frame_s)
-    events = []
-    for t, (row, level) in enumerate(zip(probs, levels, strict=True)):
-        for event in tracker.update(row[None], t * frame_s + delay_s, level[None]):
-            if event.type == "onset":
-                events.append((event.label, event.onset_s, event.emitted_s))
-    return events
+    tracker = EventTracker(bundle.labels, detector or bundle.detector, frame_s)
+    stamps = np.arange(len(probs)) * frame_s + delay_s
+    return [(event.label, event.onset_s, event.emitted_s) for event in tracker.update(probs, stamps, levels)
+            if event.type == "onset"]
 
 
 def _latencies(reference: list[tuple[str, float, float]], detected: list[tuple[str, float, float]]
@@ -222,24 +219,39 @@ class Quality:
     latencies: dict[str, list[float]]
     triggers: dict[str, dict[str, int]]
     seconds: float
+    real_seconds: dict[str, float] = field(default_factory=dict)  # of those seconds, the real recordings' by kind
 
     def __add__(self, other: Quality) -> Quality:
         return Quality({name: self.counts[name] + other.counts[name] for name in self.counts},
                        {name: self.latencies[name] + other.latencies[name] for name in self.latencies},
                        {name: dict(Counter(self.triggers.get(name, {})) + Counter(other.triggers.get(name, {})))
                         for name in {*self.triggers, *other.triggers}},
-                       self.seconds + other.seconds)
+                       self.seconds + other.seconds,
+                       dict(Counter(self.real_seconds) + Counter(other.real_seconds)))
 
     def to_dict(self) -> dict[str, Any]:
         """The raw figures as plain JSON values (counts as ``[tp, fp, fn]``); :meth:`from_dict` reads them back."""
         return {"counts": {name: [c.tp, c.fp, c.fn] for name, c in self.counts.items()},
-                "latencies": self.latencies, "triggers": self.triggers, "seconds": self.seconds}
+                "latencies": self.latencies, "triggers": self.triggers, "seconds": self.seconds,
+                "real_seconds": self.real_seconds}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Quality:
         """The figures :meth:`to_dict` wrote."""
         return cls({name: EventCounts(*c) for name, c in data["counts"].items()}, data["latencies"],
-                   data["triggers"], data["seconds"])
+                   data["triggers"], data["seconds"], data.get("real_seconds", {}))
+
+    def rates_by_source(self) -> dict[str, dict[str, float]]:
+        """False triggers, hours and triggers per hour on the synthetic aggressor audio and on each kind of real
+        recording (:data:`REAL_KINDS`)."""
+        triggers = Counter()
+        for kinds in self.triggers.values():
+            for kind, n in kinds.items():
+                triggers[kind if kind in REAL_KINDS_BY_NAME else SYNTHETIC] += n
+        seconds = {SYNTHETIC: self.seconds - sum(self.real_seconds.values()), **self.real_seconds}
+        return {source: {"false_triggers": triggers[source], "hours": s / 3600.0,
+                         "false_triggers_per_hour": false_triggers_per_hour(triggers[source], s)}
+                for source, s in seconds.items() if s > 0}
 
     def figures(self) -> dict[str, Any]:
         """Precision, recall, F1, latencies, false triggers (per hour and by sound) as plain numbers."""
@@ -261,57 +273,83 @@ class Quality:
                                             for name, kinds in sorted(self.triggers.items())},
             "aggressor_hours": self.seconds / 3600.0,
             "false_triggers_per_hour": false_triggers_per_hour(total, self.seconds),
+            "by_source": self.rates_by_source(),
         }
 
 
 def evaluate_bundles(sources: Mapping[int, Path], test_wave: np.ndarray, reference: list[tuple[str, float, float]],
-                     aggressor_chunks: Iterable[Stream]) -> dict[int, tuple[Quality, SavedProbabilities]]:
-    """For each bundle: event counts and latencies on the test stream, false triggers on the aggressor-only audio
-    (with the aggressor kind under each), and the probabilities they came from (offline = streaming). The
-    aggressor audio is made once for all the bundles, one chunk at a time."""
+                     aggressor_chunks: Iterable[Stream],
+                     detectors: Mapping[int, Mapping[str, DetectorConfig]] | None = None
+                     ) -> dict[int, tuple[dict[str, Quality], SavedProbabilities]]:
+    """For each bundle and each of its detector settings (``detectors[key]``: latency choice -> settings; default
+    the bundle's own, as ``safe``): event counts and latencies on the test stream, false triggers on the
+    aggressor-only audio (with the aggressor kind under each), and the probabilities they came from (offline =
+    streaming, the same for every setting). The aggressor audio is made once for all, one chunk at a time."""
     bundles = {key: load_bundle(source) for key, source in sources.items()}
     frontends = {key: bundle.frontend() for key, bundle in bundles.items()}
+    settings = {key: dict((detectors or {}).get(key) or {"safe": bundle.detector}) for key, bundle in bundles.items()}
 
     def outputs(key: int, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         frames = frontends[key].frames(wave, frontends[key].config.sample_rate)
         return frame_probabilities(bundles[key].model, frames), frontends[key].levels_db(frames)
 
     aggressor: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {key: [] for key in bundles}
-    triggers: dict[int, dict[str, dict[str, int]]] = {key: {} for key in bundles}
+    triggers = {key: {choice: {} for choice in settings[key]} for key in bundles}
+    real_seconds: Counter = Counter()
     for chunk in aggressor_chunks:
+        if len(chunk.aggressors) == 1 and chunk.aggressors[0][0] in REAL_KINDS_BY_NAME:
+            real_seconds[chunk.aggressors[0][0]] += chunk.seconds
         for key, bundle in bundles.items():
             aggressor[key].append(outputs(key, chunk.wave))
-            for label, onset, _ in detect(bundle, *aggressor[key][-1]):
-                kinds = triggers[key].setdefault(label, {})
-                kind = aggressor_under(onset, chunk.aggressors)
-                kinds[kind] = kinds.get(kind, 0) + 1
+            for choice, detector in settings[key].items():
+                for label, onset, _ in detect(bundle, *aggressor[key][-1], detector):
+                    kinds = triggers[key][choice].setdefault(label, {})
+                    kind = aggressor_under(onset, chunk.aggressors)
+                    kinds[kind] = kinds.get(kind, 0) + 1
     results = {}
     for key, bundle in bundles.items():
         test, test_levels = outputs(key, test_wave)
-        detected = detect(bundle, test, test_levels)
-        counts = event_counts(reference, detected, COLLAR_S, list(SOUNDS))
         saved = SavedProbabilities(bundle.labels, bundle.detector, bundle.frontend_config.frame_s, test,
                                    [(label, onset) for label, onset, _ in reference],
                                    [probs for probs, _ in aggressor[key]], test_levels,
-                                   [levels for _, levels in aggressor[key]])
-        results[key] = (Quality({name: counts[name] for name in SOUNDS}, _latencies(reference, detected),
-                                triggers[key], saved.aggressor_seconds), saved)
+                                   [levels for _, levels in aggressor[key]], bundle.frontend_config.delay_s)
+        qualities = {}
+        for choice, detector in settings[key].items():
+            detected = detect(bundle, test, test_levels, detector)
+            counts = event_counts(reference, detected, COLLAR_S, list(SOUNDS))
+            qualities[choice] = Quality({name: counts[name] for name in SOUNDS}, _latencies(reference, detected),
+                                        triggers[key][choice], saved.aggressor_seconds, dict(real_seconds))
+        results[key] = (qualities, saved)
     return results
 
 
+def real_chunks(real: RealAudio, sizes: Mapping[str, Any], seed: int, user_seed: int) -> Iterator[Stream]:
+    """The user's real aggressor audio: ``sizes["real_speech_s"]`` of the test split's speech and
+    ``sizes["real_music_s"]`` of its music, played in the user's room, a minute at a time (a level each)."""
+    for k, (kind, name) in enumerate(REAL_KINDS.items()):
+        total = sizes[f"real_{kind}_s"]
+        for i in range(int(np.ceil(total / REAL_CHUNK_S))):
+            seconds = min(REAL_CHUNK_S, total - i * REAL_CHUNK_S)
+            recording = real.stretch("test", kind, seconds, [seed, user_seed, 5, k, i], SAMPLE_RATE)
+            yield recorded_in_room(recording, name, [seed, user_seed, 6, k, i], SAMPLE_RATE,
+                                   (-34.0, -8.0) if kind == "music" else (-28.0, -6.0))
+
+
 def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, user_seed: int,
-               settings: PersonalizeConfig, progress: bool, examples: Sequence[int]
-               ) -> tuple[dict[int, Quality], dict[int, dict[str, Any]], dict[str, Any]]:
-    """One synthetic user: enroll (one profile per count in ``examples``), personalize each profile, evaluate;
-    returns (count -> quality, count -> facts of the fine-tuning, the test stream's size)."""
+               settings: PersonalizeConfig, progress: bool, examples: Sequence[int], real: RealAudio | None = None
+               ) -> tuple[dict[int, dict[str, Quality]], dict[int, dict[str, Any]], dict[str, Any]]:
+    """One synthetic user: enroll (one profile per count in ``examples``), personalize each profile, evaluate
+    each latency choice (on real recordings too when ``real`` is given); returns (count -> choice -> quality,
+    count -> facts of the fine-tuning, the test stream's size)."""
     profiles = enroll_user(workdir, sizes, seed, user_seed, examples)
     voice = make_voice([seed, user_seed])
     test = make_test_stream(voice, sizes["events_per_sound"], [seed, user_seed, 3])
     n_chunks = max(1, int(round(sizes["aggressor_s"] / AGGRESSOR_CHUNK_S)))
     chunk_s = sizes["aggressor_s"] / n_chunks
-    facts = {}
+    facts, detectors = {}, {}
     for count, profile in profiles.items():
         report = personalize(profile, bundle, Config(seed=seed), progress=progress, settings=settings)
+        detectors[count] = report["latency_detectors"]
         facts[count] = {
             "fine_tune_seconds": report["train_seconds"],
             "personalize_seconds": report["seconds"],
@@ -323,7 +361,9 @@ def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, us
     chunks = (make_aggressor_stream(voice, chunk_s, [seed, user_seed, 4, i])
               for i in tqdm(range(n_chunks), disable=not progress, desc=f"user {user_seed}: aggressor audio",
                             leave=False))
-    evaluated = evaluate_bundles(profiles, test.wave, test.events, chunks)
+    if real is not None:
+        chunks = itertools.chain(chunks, real_chunks(real, sizes, seed, user_seed))
+    evaluated = evaluate_bundles(profiles, test.wave, test.events, chunks, detectors)
     for count, (_, saved) in evaluated.items():
         save_probabilities(workdir / f"probabilities-{count}.npz", saved)
     quality = {count: q for count, (q, _) in evaluated.items()}
@@ -351,8 +391,14 @@ def user_key(code: str, global_sha256: str, sizes: Mapping[str, Any], seed: int,
     return json.loads(json.dumps(key))  # tuples as lists, as they come back from the file
 
 
+def row_key(count: int, choice: str, settings: PersonalizeConfig) -> str:
+    """The key of a row of figures: ``10_examples`` for the configured latency choice, ``10_examples_fast`` for
+    another."""
+    return f"{count}_examples" + ("" if choice == settings.latency else f"_{choice}")
+
+
 def saved_user(folder: Path, key: Mapping[str, Any]
-               ) -> tuple[dict[int, Quality], dict[int, dict[str, Any]], dict[str, Any]] | None:
+               ) -> tuple[dict[int, dict[str, Quality]], dict[int, dict[str, Any]], dict[str, Any]] | None:
     """What :func:`bench_user` returned for ``folder``'s user in an earlier run with the same ``key`` (its
     ``USER_RESULT`` and the probabilities of each count in ``key["examples"]`` are there), else None."""
     path = folder / USER_RESULT
@@ -364,18 +410,21 @@ def saved_user(folder: Path, key: Mapping[str, Any]
         return None  # written atomically, so only an edit by hand gets here: measure again
     if not isinstance(saved, dict) or saved.get("key") != key:
         return None
-    return ({int(n): Quality.from_dict(q) for n, q in saved["quality"].items()},
+    return ({int(n): {choice: Quality.from_dict(q) for choice, q in by_choice.items()}
+             for n, by_choice in saved["quality"].items()},
             {int(n): facts for n, facts in saved["facts"].items()}, saved["stream"])
 
 
 def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | None = None, progress: bool = True,
                           seed: int = 0, settings: PersonalizeConfig | None = None,
-                          user_seeds: Sequence[int] | None = None, aggressor_hours: float | None = None,
-                          examples: Sequence[int] | None = None) -> dict[str, Any]:
+                          user_seeds: Sequence[int] | str | None = None, aggressor_hours: float | None = None,
+                          examples: Sequence[int] | None = None, real_audio: Path | None = None) -> dict[str, Any]:
     """Run the benchmark (module docstring); print a table and write JSON (``out_json`` or
-    ``WORKDIR/personalize.json``). ``user_seeds``: other synthetic users than ``USER_SEEDS`` (a check of
-    settings on users they were not chosen on); ``quick`` takes the first only. ``aggressor_hours``: hours of
-    aggressor-only audio per user (default ``AGGRESSOR_HOURS``, or two minutes with ``quick``); the first
+    ``WORKDIR/personalize.json``). ``user_seeds``: the synthetic users, ``"test"`` (default) or ``"tuning"``
+    (:data:`PROTOCOL`) or seeds; ``quick`` takes the first only. ``real_audio``: the folder of ``fedsound data
+    real-audio``, whose test split's speech and music are added to each user's aggressor audio.
+    ``aggressor_hours``: hours of synthetic aggressor-only audio per user (default ``AGGRESSOR_HOURS``, or two
+    minutes with ``quick``); the first
     hour is the same audio whatever the length. ``examples``: enrollment examples per sound, one profile per
     count (default ``EXAMPLES``); the operating points are those of the largest."""
     sizes = _sizes(quick)
@@ -383,7 +432,9 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
         if not 0 < aggressor_hours <= 1000:
             raise ConfigError(f"aggressor-hours: must be in (0, 1000], got {aggressor_hours}")
         sizes["aggressor_s"] = 3600.0 * aggressor_hours
-    user_seeds = list(USER_SEEDS if user_seeds is None else user_seeds)[: sizes["users"]]
+    if user_seeds is None or isinstance(user_seeds, str):
+        user_seeds = protocol_users(user_seeds or "test")
+    user_seeds = list(user_seeds)[: sizes["users"]]
     if not user_seeds or len(set(user_seeds)) != len(user_seeds):
         raise ConfigError(f"users: need one or more distinct user seeds, got {user_seeds}")
     settings = settings or load_personalize_config()
@@ -397,37 +448,43 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
         settings = replace(settings, steps=min(settings.steps, sizes["steps"]),
                            head_warmup_steps=min(settings.head_warmup_steps, sizes["steps"] // 5))
     started = time.perf_counter()
-    bundle, global_sha256, origin = global_bundle(workdir, quick, seed, progress)
+    real = RealAudio(real_audio) if real_audio is not None else None
+    if real is None:
+        sizes["real_speech_s"] = sizes["real_music_s"] = 0.0
+    bundle, global_sha256, origin = global_bundle(workdir, quick, seed, progress, real_audio)
     setup_s = time.perf_counter() - started
 
-    pooled: dict[int, Quality] = {}
+    pooled: dict[tuple[int, str], Quality] = {}
     users: dict[str, Any] = {}
     code = code_sha256()
     for user_seed in user_seeds:
         folder = workdir / f"user-{user_seed}"
         key = user_key(code, global_sha256, sizes, seed, user_seed, settings, examples)
+        key["real_audio_sha256"] = real.manifest_sha256 if real is not None else None
         resumed = saved_user(folder, key)
         if resumed is None:
             (folder / USER_RESULT).unlink(missing_ok=True)  # its probabilities are about to be overwritten
-            quality, facts, stream = bench_user(folder, bundle, sizes, seed, user_seed, settings, progress, examples)
-            write_json(folder / USER_RESULT, {"key": key, "quality": {n: q.to_dict() for n, q in quality.items()},
-                                              "facts": facts, "stream": stream})
+            quality, facts, stream = bench_user(folder, bundle, sizes, seed, user_seed, settings, progress, examples,
+                                                real)
+            write_json(folder / USER_RESULT, {"key": key, "facts": facts, "stream": stream, "quality": {
+                n: {choice: q.to_dict() for choice, q in by_choice.items()} for n, by_choice in quality.items()}})
         else:
             quality, facts, stream = resumed
             if progress:
                 print(f"user {user_seed}: figures of an earlier run with the same code and settings "
                       f"({folder / USER_RESULT})")
         users[str(user_seed)] = {"test_stream": stream}
-        for count, q in quality.items():
-            pooled[count] = pooled[count] + q if count in pooled else q
-            users[str(user_seed)][f"{count}_examples"] = {"examples_per_sound": count, **facts[count],
-                                                          **q.figures()}
+        for count, by_choice in quality.items():
+            for choice, q in by_choice.items():
+                pooled[count, choice] = pooled[count, choice] + q if (count, choice) in pooled else q
+                users[str(user_seed)][row_key(count, choice, settings)] = {
+                    "examples_per_sound": count, "latency": choice, **facts[count], **q.figures()}
     results = {}
-    for count, q in pooled.items():
-        runs = [user[f"{count}_examples"] for user in users.values()]
-        results[f"{count}_examples"] = {"examples_per_sound": count,
-                                        "fine_tune_seconds": float(np.mean([r["fine_tune_seconds"] for r in runs])),
-                                        **q.figures()}
+    for (count, choice), q in pooled.items():
+        runs = [user[row_key(count, choice, settings)] for user in users.values()]
+        results[row_key(count, choice, settings)] = {
+            "examples_per_sound": count, "latency": choice,
+            "fine_tune_seconds": float(np.mean([r["fine_tune_seconds"] for r in runs])), **q.figures()}
     report = {
         "machine": machine_info(),
         "threads": torch.get_num_threads(),
@@ -467,18 +524,20 @@ def format_table(report: dict[str, Any]) -> str:
              f"{len(streams)} synthetic user(s); test streams {sum(s['seconds'] for s in streams) / 60:.1f} min in "
              f"all, {sum(s['events'] for s in streams)} mouth sounds, {sum(s['aggressor_clips'] for s in streams)} "
              f"aggressor clips; adapt {report['settings']['adapt']}, {report['settings']['steps']} steps",
-             f"{'examples':>8} {'precision':>9} {'recall':>6} {'FT/hour':>8} {'(FT in h)':>11} {'latency':>8} "
-             f"{'fine-tune':>9}"]
-    for row in report["results"].values():
-        lines.append(f"{row['examples_per_sound']:>8} {row['precision']:>9.3f} {row['recall']:>6.3f} "
-                     f"{row['false_triggers_per_hour']:>8.2f} {row['false_triggers']:>4} in "
+             f"{'examples':>8} {'latency':>8} {'precision':>9} {'recall':>6} {'FT/hour':>8} {'(FT in h)':>11} "
+             f"{'latency':>8} {'fine-tune':>9}"]
+    for key, row in report["results"].items():
+        lines.append(f"{row['examples_per_sound']:>8} {row['latency']:>8} {row['precision']:>9.3f} "
+                     f"{row['recall']:>6.3f} {row['false_triggers_per_hour']:>8.2f} {row['false_triggers']:>4} in "
                      f"{row['aggressor_hours']:.2f} {row['median_latency_ms']:>6.0f}ms "
                      f"{row['fine_tune_seconds']:>8.1f}s")
         latency = row["median_latency_ms_by_sound"]
         per_sound = ", ".join(f"{name} {v['precision']:.2f}/{v['recall']:.2f}/{latency[name]:.0f}"
                               for name, v in row["per_sound"].items())
         lines.append(f"{'':>8} per sound (precision/recall/latency ms): {per_sound}")
-        key = f"{row['examples_per_sound']}_examples"
+        by_source = ", ".join(f"{source} {v['false_triggers_per_hour']:.2f} ({v['false_triggers']} in "
+                              f"{v['hours']:.2f} h)" for source, v in row.get("by_source", {}).items())
+        lines.append(f"{'':>8} false triggers per hour by source: {by_source}")
         by_user = ", ".join(f"{seed} {user[key]['precision']:.2f}/{user[key]['recall']:.2f}/"
                             f"{user[key]['false_triggers']}" for seed, user in report["users"].items())
         lines.append(f"{'':>8} per user (precision/recall/false triggers): {by_user}")
@@ -486,11 +545,22 @@ def format_table(report: dict[str, Any]) -> str:
             under = "; ".join(f"{name} " + ", ".join(f"{kind} {n}" for kind, n in kinds.items())
                               for name, kinds in row["false_triggers_by_aggressor"].items())
             lines.append(f"{'':>8} false triggers by the aggressor under them: {under}")
-    ten = report["results"].get("10_examples")
-    if ten is not None:
-        lines.append(f"targets (10 examples): precision >= {TARGETS['precision']} "
-                     f"{_mark(ten['precision'] >= TARGETS['precision'])}, recall >= {TARGETS['recall']} "
-                     f"{_mark(ten['recall'] >= TARGETS['recall'])}, false triggers <= "
-                     f"{TARGETS['false_triggers_per_hour']}/h "
-                     f"{_mark(ten['false_triggers_per_hour'] <= TARGETS['false_triggers_per_hour'])}")
+        if row["examples_per_sound"] == 10:
+            lines.append(f"{'':>8} targets: " + ", ".join(f"{what} {_mark(ok)}" for what, ok in target_checks(row)))
     return "\n".join(lines)
+
+
+def target_checks(row: Mapping[str, Any]) -> list[tuple[str, bool]]:
+    """Each target of :data:`TARGETS` and :data:`LATENCY_TARGETS_MS` against one row of figures: false triggers
+    on the real recordings when they were measured, else on all the aggressor audio."""
+    real = {source: v for source, v in row.get("by_source", {}).items() if source in REAL_KINDS_BY_NAME}
+    rates = {source: v["false_triggers_per_hour"] for source, v in real.items()} or {
+        "aggressors": row["false_triggers_per_hour"]}
+    limit = TARGETS["false_triggers_per_hour"]
+    checks = [(f"precision >= {TARGETS['precision']}", row["precision"] >= TARGETS["precision"]),
+              (f"recall >= {TARGETS['recall']}", row["recall"] >= TARGETS["recall"])]
+    checks += [(f"{source} <= {limit}/h", rate <= limit) for source, rate in rates.items()]
+    latency = row["median_latency_ms_by_sound"]
+    checks += [(f"{name} latency <= {ms:.0f} ms", bool(latency.get(name, np.nan) <= ms))
+               for name, ms in LATENCY_TARGETS_MS.items()]
+    return checks

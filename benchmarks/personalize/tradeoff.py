@@ -28,6 +28,7 @@ from fl.errors import DataError, FedsoundError
 
 ON_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 EXTRA_HOLD_MS = (0.0, 50.0, 100.0)  # added to each user's picked hold
+FAST_HOLDS_MS = (30.0, 60.0, 100.0, 150.0)  # shorter holds, the same for every user: faster, and less sure
 REGION_GAP_FRAMES = 50  # frames below every threshold that separate independent stretches (> refractory time)
 
 
@@ -43,6 +44,7 @@ class SavedProbabilities:
     aggressor: list[np.ndarray]  # one [n_i, n_labels] array per aggressor-only chunk
     test_levels: np.ndarray  # [n]: the frames' levels in dB (the detector's onset check)
     aggressor_levels: list[np.ndarray]  # one [n_i] array per aggressor-only chunk
+    delay_s: float = 0.0  # the frontend's delay: a frame's line is written this long after the frame's time
 
     @property
     def aggressor_seconds(self) -> float:
@@ -63,7 +65,7 @@ def save_probabilities(path: Path, saved: SavedProbabilities) -> Path:
         aggressor=np.concatenate(saved.aggressor).astype(np.float32),
         aggressor_ends=np.cumsum([len(chunk) for chunk in saved.aggressor]),
         test_levels=saved.test_levels.astype(np.float32),
-        aggressor_levels=np.concatenate(saved.aggressor_levels).astype(np.float32))
+        aggressor_levels=np.concatenate(saved.aggressor_levels).astype(np.float32), delay_s=saved.delay_s)
     tmp.replace(path)
     return path
 
@@ -77,7 +79,7 @@ def load_probabilities(path: Path) -> SavedProbabilities:
             reference = list(zip(data["reference_labels"].tolist(), data["reference_onsets"].tolist(), strict=True))
             return SavedProbabilities(data["labels"].tolist(), detector, float(data["frame_s"]), data["test"],
                                       reference, np.split(data["aggressor"], ends), data["test_levels"],
-                                      np.split(data["aggressor_levels"], ends))
+                                      np.split(data["aggressor_levels"], ends), float(data["delay_s"]))
     except FedsoundError:
         raise
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
@@ -86,7 +88,15 @@ def load_probabilities(path: Path) -> SavedProbabilities:
 
 def _onsets(p: np.ndarray, levels: np.ndarray, label: str, on: float, off: float, hold_ms: float,
             base: DetectorConfig, frame_s: float) -> list[float]:
-    """Onset times of one label's events over its probability track ``p`` (1-D) and the frames' ``levels``.
+    """Onset times of one label's events over its probability track ``p`` (1-D) and the frames' ``levels``
+    (:func:`_events`)."""
+    return [onset for onset, _ in _events(p, levels, label, on, off, hold_ms, base, frame_s)]
+
+
+def _events(p: np.ndarray, levels: np.ndarray, label: str, on: float, off: float, hold_ms: float,
+            base: DetectorConfig, frame_s: float, delay_s: float = 0.0) -> list[tuple[float, float]]:
+    """``(onset_s, emitted_s)`` of one label's events over its probability track ``p`` (1-D) and the frames'
+    ``levels``; ``emitted_s`` is when streaming writes the line (the confirming frame's time plus ``delay_s``).
 
     Only the stretches that reach the off threshold (or the rise level that dates onsets, where that is lower)
     are run through the tracker; they are separated by more frames below it than REGION_GAP_FRAMES, the
@@ -99,13 +109,15 @@ def _onsets(p: np.ndarray, levels: np.ndarray, label: str, on: float, off: float
         return []
     history = level_history_frames(settings, frame_s)
     breaks = np.flatnonzero(np.diff(near) > max(REGION_GAP_FRAMES, history + 1))
-    onsets = []
+    found = []
     for first, last in zip(np.r_[near[0], near[breaks + 1]], np.r_[near[breaks], near[-1]], strict=True):
         start = max(0, int(first) - 1 - history)  # idle frames before it, as the tracker saw them
+        end = int(last) + 2
         tracker = EventTracker([label], settings, frame_s)
-        events = tracker.update(p[start : int(last) + 2, None], 0.0, levels[start : int(last) + 2])
-        onsets += [start * frame_s + e.onset_s for e in events if e.type == "onset"]
-    return onsets
+        stamps = np.arange(start, start + len(p[start:end])) * frame_s + delay_s
+        events = tracker.update(p[start:end, None], stamps, levels[start:end])
+        found += [(start * frame_s + e.onset_s, e.emitted_s) for e in events if e.type == "onset"]
+    return found
 
 
 @dataclass(frozen=True)
@@ -115,59 +127,71 @@ class OperatingPoint:
     counts: EventCounts
     false_triggers: int
     hours: float
+    latencies_ms: tuple[float, ...] = ()  # of the detected test events: emitted minus true onset
 
     def to_dict(self) -> dict[str, Any]:
-        """Recall, precision, false triggers (count and per hour)."""
+        """Recall, precision, false triggers (count and per hour), median detection latency (ms)."""
         return {"recall": self.counts.recall, "precision": self.counts.precision,
                 "false_triggers": self.false_triggers,
-                "false_triggers_per_hour": false_triggers_per_hour(self.false_triggers, 3600.0 * self.hours)}
+                "false_triggers_per_hour": false_triggers_per_hour(self.false_triggers, 3600.0 * self.hours),
+                "median_latency_ms": float(np.median(self.latencies_ms)) if self.latencies_ms else float("nan")}
 
 
-def operating_point(runs: Sequence[SavedProbabilities], label: str, on: float | None, extra_hold_ms: float
-                    ) -> OperatingPoint:
+def operating_point(runs: Sequence[SavedProbabilities], label: str, on: float | None, extra_hold_ms: float,
+                    hold_ms: float | None = None) -> OperatingPoint:
     """Pooled counts of ``label`` over ``runs`` at on-threshold ``on`` (None: each run's picked one) and each
-    run's picked hold plus ``extra_hold_ms``."""
-    counts, triggers, seconds = EventCounts(0, 0, 0), 0, 0.0
+    run's picked hold plus ``extra_hold_ms`` (or ``hold_ms`` for every run)."""
+    counts, triggers, seconds, latencies = EventCounts(0, 0, 0), 0, 0.0, []
     for run in runs:
         k = run.labels.index(label)
         picked_on, picked_off = run.detector.class_thresholds.get(
             label, [run.detector.on_threshold, run.detector.off_threshold])
         # the picked off/on ratio at another on; off may equal on, and the division must not lift it above
         threshold, off = (picked_on, picked_off) if on is None else (on, min(on, on * picked_off / picked_on))
-        hold = run.detector.class_min_duration_ms.get(label, run.detector.min_duration_ms) + extra_hold_ms
-        detect = [(label, onset) for onset in _onsets(run.test[:, k], run.test_levels, label, threshold, off, hold,
-                                                     run.detector, run.frame_s)]
+        hold = (run.detector.class_min_duration_ms.get(label, run.detector.min_duration_ms) + extra_hold_ms
+                if hold_ms is None else hold_ms)
+        found = _events(run.test[:, k], run.test_levels, label, threshold, off, hold, run.detector, run.frame_s,
+                        run.delay_s)
+        detect = [(label, onset) for onset, _ in found]
         reference = [event for event in run.reference if event[0] == label]
         counts = counts + event_counts(reference, detect, COLLAR_S, [label])[label]
+        for _, true_onset in reference:
+            emitted = [e for onset, e in found if abs(onset - true_onset) <= COLLAR_S + 1e-9]
+            if emitted:
+                latencies.append(1000.0 * (min(emitted) - true_onset))
         triggers += sum(len(_onsets(chunk[:, k], levels, label, threshold, off, hold, run.detector, run.frame_s))
                         for chunk, levels in zip(run.aggressor, run.aggressor_levels, strict=True))
         seconds += run.aggressor_seconds
-    return OperatingPoint(counts, triggers, seconds / 3600.0)
+    return OperatingPoint(counts, triggers, seconds / 3600.0, tuple(latencies))
 
 
 def tradeoff(runs: Sequence[SavedProbabilities]) -> dict[str, Any]:
-    """Per sound, per extra hold: the pooled operating point at the picked thresholds and at ON_THRESHOLDS."""
+    """Per sound, per hold (the picked one plus each of EXTRA_HOLD_MS, then each of FAST_HOLDS_MS for every
+    user): the pooled operating point at the picked thresholds and at ON_THRESHOLDS."""
     labels = runs[0].labels
     table: dict[str, Any] = {}
+    holds = [(f"+{extra:g}ms", extra, None) for extra in EXTRA_HOLD_MS]
+    holds += [(f"{hold:g}ms", 0.0, hold) for hold in FAST_HOLDS_MS]
     for label in labels:
         table[label] = {}
-        for extra in EXTRA_HOLD_MS:
-            row = {"picked": operating_point(runs, label, None, extra).to_dict()}
-            row.update({f"{on:g}": operating_point(runs, label, on, extra).to_dict() for on in ON_THRESHOLDS})
-            table[label][f"+{extra:g}ms"] = row
+        for name, extra, hold in holds:
+            row = {"picked": operating_point(runs, label, None, extra, hold).to_dict()}
+            row.update({f"{on:g}": operating_point(runs, label, on, extra, hold).to_dict() for on in ON_THRESHOLDS})
+            table[label][name] = row
     return table
 
 
 def format_tradeoff(table: dict[str, Any]) -> str:
     """The tradeoff table as text: recall/precision/false triggers per sound, hold and on-threshold."""
     columns = ["picked", *(f"{on:g}" for on in ON_THRESHOLDS)]
-    lines = ["operating points, pooled over the users (recall/precision/false triggers); hold = the picked minimum "
-             "duration plus the extra ms",
-             f"{'sound':<8} {'hold':>7} " + " ".join(f"{c:>14}" for c in columns)]
+    lines = ["operating points, pooled over the users (recall/precision/false triggers/median latency ms); hold = "
+             "the picked minimum duration plus +N ms, or N ms for every user",
+             f"{'sound':<8} {'hold':>7} " + " ".join(f"{c:>18}" for c in columns)]
     for label, holds in table.items():
         for hold, row in holds.items():
-            cells = [f"{row[c]['recall']:.2f}/{row[c]['precision']:.2f}/{row[c]['false_triggers']}" for c in columns]
-            lines.append(f"{label:<8} {hold:>7} " + " ".join(f"{cell:>14}" for cell in cells))
+            cells = [f"{row[c]['recall']:.2f}/{row[c]['precision']:.2f}/{row[c]['false_triggers']}/"
+                     f"{row[c]['median_latency_ms']:.0f}" for c in columns]
+            lines.append(f"{label:<8} {hold:>7} " + " ".join(f"{cell:>18}" for cell in cells))
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ optionally leaving out clips that carry given labels; on-device fine-tuning uses
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import pickle
@@ -58,6 +59,13 @@ from fl.models import TCN, build_model
 
 DEFAULT_BACKGROUND_PATCHES = 128
 MAX_BACKGROUND_BYTES = 4 * 1024 * 1024
+# The global mouth-sound detector shipped as package data (``fedsound bench global --ship`` rebuilds it).
+SHIPPED_BUNDLE = Path(str(importlib.resources.files("clients.detector") / "global_bundle"))
+
+
+def shipped_bundle() -> Path | None:
+    """The shipped global bundle's folder, or None in a checkout where it has not been built."""
+    return SHIPPED_BUNDLE if (SHIPPED_BUNDLE / MANIFEST).is_file() else None
 
 
 @dataclass

@@ -200,13 +200,17 @@ def _print_event(event: Event, as_json: bool) -> None:
         print(f"{event.offset_s:9.3f} s  {event.label} ended (peak {event.score:.2f})", flush=True)
 
 
-def make_detector(source: Path, config: Config, engine: str = "auto") -> tuple[StreamingDetector, Manifest, str]:
+def make_detector(source: Path, config: Config, engine: str = "auto", latency: str | None = None
+                  ) -> tuple[StreamingDetector, Manifest, str]:
     """The streaming detector of a bundle (or ``PROFILE/personal``) on ``engine``: ``torch`` (the training
     frontend and ``TCN.step``), ``onnx`` (the portable files: numpy and onnxruntime only) or ``auto`` (torch when it
-    is installed). Returns (detector, verified manifest, engine used)."""
+    is installed). ``latency``: another latency choice of a personal bundle than the one it was personalized
+    with. Returns (detector, verified manifest, engine used)."""
     if engine not in ENGINES:
         raise ListenError(f"--engine: must be one of {', '.join(ENGINES)}, got {engine!r}")
     manifest = read_manifest(Path(source))
+    if latency is not None:
+        manifest = dataclasses.replace(manifest, detector=manifest.latency_detector(latency))
     settings = detector_settings(manifest.detector, config.detector)
     if engine == "auto":
         engine = "torch" if importlib.util.find_spec("torch") is not None else "onnx"
@@ -221,11 +225,13 @@ def make_detector(source: Path, config: Config, engine: str = "auto") -> tuple[S
 
 
 def listen(source: Path, config: Config, input_: str = "mic", realtime: bool = False, as_json: bool = False,
-           exec_map: Sequence[str] = (), device: int | str | None = None, engine: str = "auto") -> int:
+           exec_map: Sequence[str] = (), device: int | str | None = None, engine: str = "auto",
+           latency: str | None = None) -> int:
     """``fedsound listen``: load the bundle (or ``PROFILE/personal``), stream ``input_`` ("mic" or a file).
     ``device``: the input device (index or name, see :func:`clients.detector.audio_input.list_input_devices`;
-    default: the system's default input), opened at its native rate. ``engine``: see :func:`make_detector`."""
-    detector, manifest, engine = make_detector(Path(source), config, engine)
+    default: the system's default input), opened at its native rate. ``engine`` and ``latency``: see
+    :func:`make_detector`."""
+    detector, manifest, engine = make_detector(Path(source), config, engine, latency)
     commands = parse_exec_map(exec_map, manifest.labels)
     block_size = detector_settings(manifest.detector, config.detector).block_size
     audio: AudioSource

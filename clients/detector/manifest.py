@@ -50,6 +50,16 @@ class Manifest:
         """The portable files' description (``None`` when the bundle was exported without them)."""
         return self.data.get("portable")
 
+    def latency_detector(self, choice: str) -> DetectorConfig:
+        """The detector settings personalization calibrated for latency ``choice`` (``safe``, ``balanced`` or
+        ``fast``); BundleError when this bundle has none (a global bundle, or one personalized before the
+        choice existed)."""
+        choices = (self.data.get("provenance") or {}).get("latency", {}).get("detectors", {})
+        if choice not in choices:
+            have = f"it has {', '.join(sorted(choices))}" if choices else "personalize it first"
+            raise BundleError(f"{self.path}: no detector settings for latency {choice!r} ({have})")
+        return apply(Config(), {"detector": choices[choice]}, str(self.path / MANIFEST)).detector
+
 
 def file_sha256(path: Path) -> str:
     """SHA-256 hex of a file's bytes."""

@@ -89,12 +89,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from clients.detector.bundle import Bundle, load_bundle, write_bundle
+from clients.detector.bundle import Bundle, load_bundle, shipped_bundle, write_bundle
 from clients.detector.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
 from clients.detector.postprocess import EventTracker, min_duration_frames, to_frames
 from clients.detector.profile import Profile, make_private_tree
 from clients.detector.torch_stream import frame_probabilities
-from fl.config import CONFIG_DIR, Config, DetectorConfig, FrontendConfig, PersonalizeConfig, load_config, to_dict
+from fl.config import (
+    CONFIG_DIR,
+    LATENCY_CHOICES,
+    Config,
+    DetectorConfig,
+    FrontendConfig,
+    PersonalizeConfig,
+    load_config,
+    to_dict,
+)
 from fl.errors import FedsoundError
 from fl.frontend import Frontend, band_centres_hz
 from fl.locks import exclusive
@@ -642,6 +651,24 @@ def _thresholds_and_holds(probs: np.ndarray, stream: ValidationStream, data: Per
     return on, off, shorten_holds(durations, data.sounds, runs, settings)
 
 
+def latency_holds(durations: Mapping[str, float], choice: str, settings: PersonalizeConfig) -> dict[str, float]:
+    """The holds of latency ``choice``: ``durations`` for ``safe``, each capped at its ``latency-holds-ms``
+    entry for ``balanced`` and ``fast``."""
+    if choice == "safe":
+        return dict(durations)
+    cap = settings.latency_holds_ms[LATENCY_CHOICES.index(choice) - 1]
+    return {name: min(hold, cap) for name, hold in durations.items()}
+
+
+def calibrate(model: TCN, stream: ValidationStream, data: PersonalData, settings: PersonalizeConfig,
+              base: DetectorConfig, durations: Mapping[str, float]
+              ) -> dict[str, tuple[float, DetectorConfig, dict[str, EventCounts], float]]:
+    """Per latency choice (:data:`fl.config.LATENCY_CHOICES`): :func:`_held_out_f1` at that choice's holds
+    (:func:`latency_holds`); the thresholds are picked for each."""
+    return {choice: _held_out_f1(model, stream, data, settings, base, latency_holds(durations, choice, settings))
+            for choice in LATENCY_CHOICES}
+
+
 def _held_out_f1(model: TCN, stream: ValidationStream, data: PersonalData, settings: PersonalizeConfig,
                  base: DetectorConfig, durations: Mapping[str, float]
                  ) -> tuple[float, DetectorConfig, dict[str, EventCounts], float]:
@@ -673,8 +700,11 @@ def _base_bundle(profile: Profile, bundle: Path | None) -> Path:
         base = None  # no earlier personal bundle to take the global one from
     if isinstance(base, str) and Path(base).is_dir():
         return Path(base)
+    shipped = shipped_bundle()
+    if shipped is not None:
+        return shipped
     raise PersonalizeError(f"{profile.path}: no global model: pass --bundle BUNDLE (a detector bundle made by "
-                           "`fedsound export`)")
+                           "`fedsound export`; this install ships none)")
 
 
 def personalize(profile: Path, bundle: Path | None, config: Config, progress: bool = True,
@@ -704,9 +734,12 @@ def _personalize(profile: Path, bundle: Path | None, config: Config, progress: b
     train_started = time.perf_counter()
     loss = fine_tune(model, data, settings, config.seed, progress, teacher=base.model)
     train_seconds = time.perf_counter() - train_started
-    f1, detector, counts, per_hour = _held_out_f1(model, stream, data, settings, base.detector, durations)
+    calibrated = calibrate(model, stream, data, settings, base.detector, durations)
+    f1, detector, counts, per_hour = calibrated[settings.latency]
+    presets = {choice: to_dict(found[1]) for choice, found in calibrated.items()}
     provenance = {"base_bundle": str(base.path.resolve()), "base_manifest_sha256": base.manifest["manifest_sha256"],
-                  "personalize": to_dict(settings), "seed": config.seed, "examples": data.counts}
+                  "personalize": to_dict(settings), "seed": config.seed, "examples": data.counts,
+                  "latency": {"chosen": settings.latency, "detectors": presets}}
     write_bundle(store.personal_dir, sound_model(model), base.frontend_config, data.sounds,
                  [f"user:{name}" for name in data.sounds], detector, provenance=provenance,
                  portable=base.manifest.get("portable") is not None)
@@ -722,6 +755,9 @@ def _personalize(profile: Path, bundle: Path | None, config: Config, progress: b
                           "off_threshold": detector.class_thresholds[name][1],
                           "min_duration_ms": detector.class_min_duration_ms[name], **counts[name].to_dict()}
                    for name in data.sounds},
+        "latency": settings.latency,
+        "latency_detectors": {choice: found[1] for choice, found in calibrated.items()},
+        "latency_f1": {choice: found[0] for choice, found in calibrated.items()},
         "f1": f1,
         "untuned_f1": untuned_f1,
         "false_triggers_per_hour": per_hour,
@@ -733,7 +769,8 @@ def _personalize(profile: Path, bundle: Path | None, config: Config, progress: b
 
 def format_report(report: Mapping[str, Any]) -> str:
     """The personalization report as a few lines of text."""
-    lines = [f"personal detector: {report['bundle']} (from {report['base_bundle']}, adapt {report['adapt']}, "
+    lines = [f"personal detector: {report['bundle']} (latency {report['latency']}; from {report['base_bundle']}, "
+             f"adapt {report['adapt']}, "
              f"{report['steps']} steps, {report['train_seconds']:.1f} s of training, {report['seconds']:.1f} s "
              "in all)",
              f"{'sound':<12} {'examples':>8} {'held out':>8} {'on':>5} {'off':>5} {'hold ms':>7} {'precision':>9} "
@@ -742,6 +779,9 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines.append(f"{name:<12} {row['examples']:>8} {row['held_out']:>8} {row['on_threshold']:>5.2f} "
                      f"{row['off_threshold']:>5.2f} {row['min_duration_ms']:>7.0f} {row['precision']:>9.2f} "
                      f"{row['recall']:>6.2f}")
+    lines.append("held-out F1 by latency: " + ", ".join(f"{choice} {f1:.2f}" for choice, f1 in
+                                                         report["latency_f1"].items())
+                 + " (`fedsound listen PROFILE --latency CHOICE` switches)")
     lines.append(f"held-out F1 {report['f1']:.2f} (untuned head {report['untuned_f1']:.2f}); false triggers "
                  f"{report['false_triggers_per_hour']:.1f} per hour on {report['background_held_out_s']:.0f} s of "
                  "held-out background")

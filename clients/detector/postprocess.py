@@ -170,10 +170,13 @@ class EventTracker:
         longest over the classes when their minimum durations differ)."""
         return float(self.confirm_frames.max() - 1) * self.frame_s * 1000.0
 
-    def update(self, probs: np.ndarray, emitted_s: float, levels: np.ndarray | None = None) -> list[Event]:
+    def update(self, probs: np.ndarray, emitted_s: float | np.ndarray, levels: np.ndarray | None = None
+               ) -> list[Event]:
         """Consume the next frames' probabilities (and their levels in dB, which the onset check needs); events
-        are stamped as emitted at ``emitted_s``."""
+        are stamped as emitted at ``emitted_s``: one time for all the frames, or one per frame (the time its
+        line would be written when streaming)."""
         probs = np.asarray(probs, dtype=np.float32)
+        stamps = np.broadcast_to(np.asarray(emitted_s, dtype=np.float64), (len(probs),))
         if probs.ndim != 2 or probs.shape[1] != len(self.labels):
             raise ValueError(f"probabilities must be [n_frames, {len(self.labels)}], got {probs.shape}")
         if levels is None:
@@ -193,7 +196,7 @@ class EventTracker:
                     self._skip_idle(probs[i:j], levels[i:j])
                     i = j
                     continue
-            events.extend(self._step(probs[i], levels[i], emitted_s))
+            events.extend(self._step(probs[i], levels[i], float(stamps[i])))
             i += 1
         return events
 
