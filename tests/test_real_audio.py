@@ -151,6 +151,8 @@ def test_the_bench_plays_the_test_split_in_the_users_room_and_counts_each_source
     chunks = list(real_chunks(RealAudio(real), {"real_speech_s": 150.0, "real_music_s": 30.0}, 0, 3))
     assert [(c.aggressors[0][0], c.seconds) for c in chunks] == [
         ("real speech", 60.0), ("real speech", 60.0), ("real speech", 30.0), ("real music", 30.0)]
+    with pytest.raises(DataError, match="no speech recordings in the tune split"):  # tuning users hear that one
+        next(real_chunks(RealAudio(real), {"real_speech_s": 60.0, "real_music_s": 0.0}, 0, 3, split="tune"))
     spectrum = np.abs(np.fft.rfft(chunks[0].wave))
     assert abs(np.argmax(spectrum) / 60.0 - 500) <= 2  # the test split's speaker, over the room's floor
     quality = Quality({"pop": EventCounts(1, 0, 0)}, {"pop": [90.0]},

@@ -12,12 +12,13 @@
    stream (mouth sounds at known onsets between speech-like and noise aggressors) and over the user's
    aggressor-only audio: ``AGGRESSOR_HOURS`` of synthetic aggressors (``--aggressor-hours``) and, with
    ``--real-audio DIR``, ``REAL_SPEECH_HOURS`` of real speech and ``REAL_MUSIC_HOURS`` of real music from the
-   recordings' ``test`` split (:mod:`data_prep.real_audio`: speakers the global model never heard), played in
-   the user's room. Figures, pooled over the users (summed event counts, all false triggers over all the
-   aggressor hours) and per user: event-level precision and recall with a 100 ms onset collar, false triggers
-   per hour on each source of aggressor audio, median detection latency per sound (onset event emitted,
-   frontend delay included, minus the true onset), fine-tuning time. No false trigger in 20 h bounds the rate
-   below 0.15 per hour (95%), which one hour cannot.
+   recordings' ``test`` split for the test users, their ``tune`` split for any other (:mod:`data_prep.real_audio`:
+   speakers the global model never heard), played in the user's room. Figures, pooled over the users (summed
+   event counts, all false triggers over all the aggressor hours) and per user, for each latency choice
+   (``safe``, ``balanced``, ``fast``: calibrations of the same fine-tuned model): event-level precision and
+   recall with a 100 ms onset collar, false triggers per hour on each source of aggressor audio, median
+   detection latency per sound (onset event emitted, frontend delay included, minus the true onset),
+   fine-tuning time. No false trigger in 20 h bounds the rate below 0.15 per hour (95%), which one hour cannot.
 5. Operating points (:mod:`benchmarks.personalize.tradeoff`): each personal model's probabilities over its
    user's audio are saved (``user-U/probabilities-N.npz``); for the largest count of examples the
    post-processing is rerun over them at other on-thresholds and holds, pooled over the users: a table, and a
@@ -323,14 +324,15 @@ def evaluate_bundles(sources: Mapping[int, Path], test_wave: np.ndarray, referen
     return results
 
 
-def real_chunks(real: RealAudio, sizes: Mapping[str, Any], seed: int, user_seed: int) -> Iterator[Stream]:
-    """The user's real aggressor audio: ``sizes["real_speech_s"]`` of the test split's speech and
+def real_chunks(real: RealAudio, sizes: Mapping[str, Any], seed: int, user_seed: int, split: str = "test"
+                ) -> Iterator[Stream]:
+    """The user's real aggressor audio: ``sizes["real_speech_s"]`` of ``split``'s speech and
     ``sizes["real_music_s"]`` of its music, played in the user's room, a minute at a time (a level each)."""
     for k, (kind, name) in enumerate(REAL_KINDS.items()):
         total = sizes[f"real_{kind}_s"]
         for i in range(int(np.ceil(total / REAL_CHUNK_S))):
             seconds = min(REAL_CHUNK_S, total - i * REAL_CHUNK_S)
-            recording = real.stretch("test", kind, seconds, [seed, user_seed, 5, k, i], SAMPLE_RATE)
+            recording = real.stretch(split, kind, seconds, [seed, user_seed, 5, k, i], SAMPLE_RATE)
             yield recorded_in_room(recording, name, [seed, user_seed, 6, k, i], SAMPLE_RATE,
                                    (-34.0, -8.0) if kind == "music" else (-28.0, -6.0))
 
@@ -362,7 +364,7 @@ def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, us
               for i in tqdm(range(n_chunks), disable=not progress, desc=f"user {user_seed}: aggressor audio",
                             leave=False))
     if real is not None:
-        chunks = itertools.chain(chunks, real_chunks(real, sizes, seed, user_seed))
+        chunks = itertools.chain(chunks, real_chunks(real, sizes, seed, user_seed, sizes["real_split"]))
     evaluated = evaluate_bundles(profiles, test.wave, test.events, chunks, detectors)
     for count, (_, saved) in evaluated.items():
         save_probabilities(workdir / f"probabilities-{count}.npz", saved)
@@ -435,6 +437,8 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
     if user_seeds is None or isinstance(user_seeds, str):
         user_seeds = protocol_users(user_seeds or "test")
     user_seeds = list(user_seeds)[: sizes["users"]]
+    # the recordings' test split is heard by the test users only; any other run is tuning, on the tune split
+    sizes["real_split"] = "test" if set(user_seeds) <= set(protocol_users("test")) else "tune"
     if not user_seeds or len(set(user_seeds)) != len(user_seeds):
         raise ConfigError(f"users: need one or more distinct user seeds, got {user_seeds}")
     settings = settings or load_personalize_config()
