@@ -37,6 +37,7 @@ STAGE_OPTIONS = {
     "--real-audio": (("personalize", "global"), "real_audio",
                      "uses no recordings; only bench personalize and bench global take them"),
     "--central": (("global",), "central", "has no central run to add; only bench global takes it"),
+    "--ablate": (("personalize",), "ablate", "has no calibration rules; only bench personalize ablates them"),
     "--ship": (("global",), "ship", "makes no global bundle; only bench global ships one"),
 }
 

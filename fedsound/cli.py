@@ -298,7 +298,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      progress=_progress(args), benchmarks=args.benchmarks, settings=args.config,
                      user_seeds=args.users, aggressor_hours=args.aggressor_hours, examples=args.examples,
                      real_audio=Path(args.real_audio) if args.real_audio else None, central=args.central,
-                     ship=args.ship)
+                     ship=args.ship, ablate=args.ablate)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -512,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "in the global model's background, test split as aggressors")
     p.add_argument("--central", action="store_true", help="bench global: also train centrally and report the gap")
     p.add_argument("--ship", action="store_true", help="bench global: copy the bundle into the package")
+    p.add_argument("--ablate", action="store_true",
+                   help="bench personalize: also each calibration rule switched off, on the same fine-tuned models")
     return parser
 
 

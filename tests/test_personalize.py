@@ -513,6 +513,21 @@ def test_bench_pools_users_by_summing_counts_and_hours():
     assert first.triggers == {"hum": {"speech": 2}}
 
 
+def test_each_ablation_switches_off_one_calibration_rule_and_nothing_else():
+    from benchmarks.personalize.bench import ABLATIONS, ablations
+
+    settings = PersonalizeConfig()
+    variants = ablations(settings)
+    assert list(variants) == list(ABLATIONS)
+    for name, variant in variants.items():
+        changed = {f.name for f in dataclasses.fields(settings) if getattr(variant, f.name) != getattr(settings, f.name)}
+        assert changed == set(ABLATIONS[name]), name
+    assert variants["no-hold-cut"].shortest_min_duration_ms == settings.min_duration_ms
+    holds = {"click": 250.0, "hum": 500.0}
+    assert shorten_holds(holds, ["click", "hum"], [[200.0], []], variants["no-hold-cut"]) == holds
+    assert min_durations({"hum": [0.6, 0.7]}, variants["no-sustained-hold"]) == {"hum": settings.min_duration_ms}
+
+
 def test_the_targets_are_checked_on_the_real_recordings_and_per_sound_latency():
     from benchmarks.personalize.bench import target_checks
 
@@ -563,13 +578,16 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_
     from benchmarks.personalize import bench as bench_personalize
     from benchmarks.personalize.bench import run_personalize_bench
 
-    report = run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12), aggressor_hours=0.05)
+    report = run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12), aggressor_hours=0.05,
+                                   ablate=True)
     assert list(report["users"]) == ["11"]  # quick runs the first user only
-    assert [r["aggressor_hours"] for r in report["results"].values()] == pytest.approx([0.05] * 6, rel=1e-3)
-    # each latency choice is a calibration of the same fine-tuned model: one row each, the configured one plain
-    assert sorted(report["results"]) == ["10_examples", "10_examples_balanced", "10_examples_fast", "5_examples",
-                                         "5_examples_balanced", "5_examples_fast"]
-    assert [report["results"][f"10_examples{k}"]["latency"] for k in ("", "_balanced", "_fast")] == [
+    assert [r["aggressor_hours"] for r in report["results"].values()] == pytest.approx(
+        [0.05] * (2 * (3 + len(bench_personalize.ABLATIONS))), rel=1e-3)
+    # each latency choice and each ablation is a calibration of the same fine-tuned model: a row each, the
+    # configured latency choice's plain
+    variants = ["", "_balanced", "_fast", *(f"_{name}" for name in bench_personalize.ABLATIONS)]
+    assert sorted(report["results"]) == sorted(f"{n}_examples{v}" for n in (10, 5) for v in variants)
+    assert [report["results"][f"10_examples{k}"]["variant"] for k in ("", "_balanced", "_fast")] == [
         "safe", "balanced", "fast"]
     # the global model's corpus WAVs are gone once prepared; the feature store it was trained on stays
     # the global model comes out of a federation of the corpus's voices, partitioned by uploader (one per voice)
@@ -596,6 +614,7 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_
         assert picked["precision"] == ten["per_sound"][label]["precision"]
         assert picked["false_triggers"] == ten["false_triggers_by_sound"].get(label, 0)
     assert (tmp_path / "personalize-tradeoff.png").stat().st_size > 0 and "operating points" in table
+    assert "ablations (each calibration rule off" in table and "      10 no-onset-check" in table
 
     # a rerun resumes each user measured with the same code, settings and global model; any other is measured
     # again, and its saved figures are removed before its probabilities are overwritten
@@ -607,17 +626,19 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_
         raise RuntimeError("measured again")
 
     monkeypatch.setattr(bench_personalize, "bench_user", measure_again)
-    again = run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12), aggressor_hours=0.05)
+    again = run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12), aggressor_hours=0.05,
+                                  ablate=True)
     for part in ("users", "results", "tradeoff", "global_model_sha256"):
         assert json.dumps(again[part]) == json.dumps(report[part])  # NaN latencies where nothing was detected
     other_settings = dataclasses.replace(bench_personalize.load_personalize_config(), refractory_ms=400.0)
     same_code = json.loads(saved)["key"]["code_sha256"]
     for code, other in ((same_code, {"settings": other_settings}), (same_code, {"aggressor_hours": 0.06}),
+                        (same_code, {"ablate": False}),
                         (same_code, {"examples": (10,)}), ("0" * 64, {})):
         result.write_text(saved)
         monkeypatch.setattr(bench_personalize, "code_sha256", lambda code=code: code)
         with pytest.raises(RuntimeError, match="measured again"):
             run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12),
-                                  **{"aggressor_hours": 0.05, **other})
+                                  **{"aggressor_hours": 0.05, "ablate": True, **other})
         assert not result.exists()
 

@@ -90,6 +90,18 @@ AGGRESSOR_HOURS = 2.0  # synthetic aggressor-only audio per user
 AGGRESSOR_CHUNK_S = 300.0
 REAL_SPEECH_HOURS, REAL_MUSIC_HOURS = 0.5, 0.25  # per user, of the real recordings' test split
 REAL_CHUNK_S = 60.0
+# --ablate: each calibration rule of clients/detector/personalize.py switched off in turn, on the same fine-tuned
+# models (rules of training, such as the augmentations, would need a fine-tuning each)
+ABLATIONS = {
+    "no-off-raise": {"off_margin": 1.0},  # off stays on x off-ratio
+    "no-brief-ceiling": {"brief_sound_max_on": 1.0},
+    "no-on-floor": {"min_on_threshold": 0.0},
+    "no-hold-cut": {"shortest_min_duration_ms": None},  # None: min-duration-ms, so no hold is cut
+    "no-sustained-hold": {"min_duration_fraction": 0.0},  # every sound holds min-duration-ms
+    "no-onset-check": {"min_onset_rise_db": 0.0},
+    "no-onset-dating": {"onset_at_rise": False},
+    "best-f1-threshold": {"threshold_tolerance": 0.0},  # the best held-out F1's threshold, not the highest near it
+}
 PROTOCOL = Path(__file__).with_name("protocol.toml")  # the tuning and test users, fixed before any tuning
 USER_SETS = ("tuning", "test")
 BACKGROUND_TAKE_S = 30.0
@@ -324,6 +336,15 @@ def evaluate_bundles(sources: Mapping[int, Path], test_wave: np.ndarray, referen
     return results
 
 
+def ablations(settings: PersonalizeConfig) -> dict[str, PersonalizeConfig]:
+    """:data:`ABLATIONS` as settings: ``settings`` with one rule switched off each."""
+    out = {}
+    for name, changes in ABLATIONS.items():
+        values = {key: settings.min_duration_ms if value is None else value for key, value in changes.items()}
+        out[name] = replace(settings, **values)
+    return out
+
+
 def real_chunks(real: RealAudio, sizes: Mapping[str, Any], seed: int, user_seed: int, split: str = "test"
                 ) -> Iterator[Stream]:
     """The user's real aggressor audio: ``sizes["real_speech_s"]`` of ``split``'s speech and
@@ -338,10 +359,11 @@ def real_chunks(real: RealAudio, sizes: Mapping[str, Any], seed: int, user_seed:
 
 
 def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, user_seed: int,
-               settings: PersonalizeConfig, progress: bool, examples: Sequence[int], real: RealAudio | None = None
-               ) -> tuple[dict[int, dict[str, Quality]], dict[int, dict[str, Any]], dict[str, Any]]:
+               settings: PersonalizeConfig, progress: bool, examples: Sequence[int], real: RealAudio | None = None,
+               ablate: bool = False) -> tuple[dict[int, dict[str, Quality]], dict[int, dict[str, Any]], dict[str, Any]]:
     """One synthetic user: enroll (one profile per count in ``examples``), personalize each profile, evaluate
-    each latency choice (on real recordings too when ``real`` is given); returns (count -> choice -> quality,
+    each latency choice and, with ``ablate``, each of :func:`ablations` (on real recordings too when ``real`` is
+    given); returns (count -> choice -> quality,
     count -> facts of the fine-tuning, the test stream's size)."""
     profiles = enroll_user(workdir, sizes, seed, user_seed, examples)
     voice = make_voice([seed, user_seed])
@@ -350,8 +372,9 @@ def bench_user(workdir: Path, bundle: Path, sizes: dict[str, Any], seed: int, us
     chunk_s = sizes["aggressor_s"] / n_chunks
     facts, detectors = {}, {}
     for count, profile in profiles.items():
-        report = personalize(profile, bundle, Config(seed=seed), progress=progress, settings=settings)
-        detectors[count] = report["latency_detectors"]
+        report = personalize(profile, bundle, Config(seed=seed), progress=progress, settings=settings,
+                             also_calibrate=ablations(settings) if ablate else None)
+        detectors[count] = {**report["latency_detectors"], **report["other_detectors"]}
         facts[count] = {
             "fine_tune_seconds": report["train_seconds"],
             "personalize_seconds": report["seconds"],
@@ -395,7 +418,7 @@ def user_key(code: str, global_sha256: str, sizes: Mapping[str, Any], seed: int,
 
 def row_key(count: int, choice: str, settings: PersonalizeConfig) -> str:
     """The key of a row of figures: ``10_examples`` for the configured latency choice, ``10_examples_fast`` for
-    another."""
+    another, ``10_examples_no-onset-check`` for an ablation."""
     return f"{count}_examples" + ("" if choice == settings.latency else f"_{choice}")
 
 
@@ -420,7 +443,8 @@ def saved_user(folder: Path, key: Mapping[str, Any]
 def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | None = None, progress: bool = True,
                           seed: int = 0, settings: PersonalizeConfig | None = None,
                           user_seeds: Sequence[int] | str | None = None, aggressor_hours: float | None = None,
-                          examples: Sequence[int] | None = None, real_audio: Path | None = None) -> dict[str, Any]:
+                          examples: Sequence[int] | None = None, real_audio: Path | None = None,
+                          ablate: bool = False) -> dict[str, Any]:
     """Run the benchmark (module docstring); print a table and write JSON (``out_json`` or
     ``WORKDIR/personalize.json``). ``user_seeds``: the synthetic users, ``"test"`` (default) or ``"tuning"``
     (:data:`PROTOCOL`) or seeds; ``quick`` takes the first only. ``real_audio``: the folder of ``fedsound data
@@ -428,7 +452,8 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
     ``aggressor_hours``: hours of synthetic aggressor-only audio per user (default ``AGGRESSOR_HOURS``, or two
     minutes with ``quick``); the first
     hour is the same audio whatever the length. ``examples``: enrollment examples per sound, one profile per
-    count (default ``EXAMPLES``); the operating points are those of the largest."""
+    count (default ``EXAMPLES``); the operating points are those of the largest. ``ablate``: also a row per
+    calibration rule switched off (:data:`ABLATIONS`)."""
     sizes = _sizes(quick)
     if aggressor_hours is not None:
         if not 0 < aggressor_hours <= 1000:
@@ -465,11 +490,12 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
         folder = workdir / f"user-{user_seed}"
         key = user_key(code, global_sha256, sizes, seed, user_seed, settings, examples)
         key["real_audio_sha256"] = real.manifest_sha256 if real is not None else None
+        key["ablations"] = ABLATIONS if ablate else None
         resumed = saved_user(folder, key)
         if resumed is None:
             (folder / USER_RESULT).unlink(missing_ok=True)  # its probabilities are about to be overwritten
             quality, facts, stream = bench_user(folder, bundle, sizes, seed, user_seed, settings, progress, examples,
-                                                real)
+                                                real, ablate)
             write_json(folder / USER_RESULT, {"key": key, "facts": facts, "stream": stream, "quality": {
                 n: {choice: q.to_dict() for choice, q in by_choice.items()} for n, by_choice in quality.items()}})
         else:
@@ -482,12 +508,12 @@ def run_personalize_bench(workdir: Path, quick: bool = False, out_json: Path | N
             for choice, q in by_choice.items():
                 pooled[count, choice] = pooled[count, choice] + q if (count, choice) in pooled else q
                 users[str(user_seed)][row_key(count, choice, settings)] = {
-                    "examples_per_sound": count, "latency": choice, **facts[count], **q.figures()}
+                    "examples_per_sound": count, "variant": choice, **facts[count], **q.figures()}
     results = {}
     for (count, choice), q in pooled.items():
         runs = [user[row_key(count, choice, settings)] for user in users.values()]
         results[row_key(count, choice, settings)] = {
-            "examples_per_sound": count, "latency": choice,
+            "examples_per_sound": count, "variant": choice,
             "fine_tune_seconds": float(np.mean([r["fine_tune_seconds"] for r in runs])), **q.figures()}
     report = {
         "machine": machine_info(),
@@ -528,10 +554,13 @@ def format_table(report: dict[str, Any]) -> str:
              f"{len(streams)} synthetic user(s); test streams {sum(s['seconds'] for s in streams) / 60:.1f} min in "
              f"all, {sum(s['events'] for s in streams)} mouth sounds, {sum(s['aggressor_clips'] for s in streams)} "
              f"aggressor clips; adapt {report['settings']['adapt']}, {report['settings']['steps']} steps",
-             f"{'examples':>8} {'latency':>8} {'precision':>9} {'recall':>6} {'FT/hour':>8} {'(FT in h)':>11} "
+             f"{'examples':>8} {'variant':>8} {'precision':>9} {'recall':>6} {'FT/hour':>8} {'(FT in h)':>11} "
              f"{'latency':>8} {'fine-tune':>9}"]
+    ablated = {key: row for key, row in report["results"].items() if row["variant"] in ABLATIONS}
     for key, row in report["results"].items():
-        lines.append(f"{row['examples_per_sound']:>8} {row['latency']:>8} {row['precision']:>9.3f} "
+        if key in ablated:
+            continue
+        lines.append(f"{row['examples_per_sound']:>8} {row['variant']:>8} {row['precision']:>9.3f} "
                      f"{row['recall']:>6.3f} {row['false_triggers_per_hour']:>8.2f} {row['false_triggers']:>4} in "
                      f"{row['aggressor_hours']:.2f} {row['median_latency_ms']:>6.0f}ms "
                      f"{row['fine_tune_seconds']:>8.1f}s")
@@ -551,6 +580,14 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"{'':>8} false triggers by the aggressor under them: {under}")
         if row["examples_per_sound"] == 10:
             lines.append(f"{'':>8} targets: " + ", ".join(f"{what} {_mark(ok)}" for what, ok in target_checks(row)))
+    if ablated:
+        lines.append("ablations (each calibration rule off, the same fine-tuned models): precision/recall, false "
+                     "triggers per hour by source, median latency; per-user recall range")
+    for key, row in ablated.items():
+        rates = ", ".join(f"{source} {v['false_triggers_per_hour']:.2f}" for source, v in row["by_source"].items())
+        recalls = [user[key]["recall"] for user in report["users"].values()]
+        lines.append(f"{row['examples_per_sound']:>8} {row['variant']:<18} {row['precision']:.3f}/{row['recall']:.3f}"
+                     f"  {rates}  {row['median_latency_ms']:.0f} ms  recall {min(recalls):.2f}-{max(recalls):.2f}")
     return "\n".join(lines)
 
 

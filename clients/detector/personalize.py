@@ -708,19 +708,22 @@ def _base_bundle(profile: Profile, bundle: Path | None) -> Path:
 
 
 def personalize(profile: Path, bundle: Path | None, config: Config, progress: bool = True,
-                settings: PersonalizeConfig | None = None) -> dict:
+                settings: PersonalizeConfig | None = None,
+                also_calibrate: Mapping[str, PersonalizeConfig] | None = None) -> dict:
     """Fine-tune ``bundle``'s model on ``profile`` and save the personal bundle in ``PROFILE/personal``.
 
-    ``bundle`` None reuses the global bundle the profile was last personalized from. ``settings`` default to
-    ``config.personalize``; ``config.seed`` seeds everything. Returns the report (see the
-    module docstring); :func:`format_report` renders it. The profile is locked meanwhile (``PROFILE.lock``).
+    ``bundle`` None reuses the global bundle the profile was last personalized from, else the shipped one.
+    ``settings`` default to ``config.personalize``; ``config.seed`` seeds everything. ``also_calibrate``: other
+    calibration settings (name -> settings) whose detector settings for the same fine-tuned model the report
+    adds under ``other_detectors`` (an ablation measures a rule this way). Returns the report (see the module
+    docstring); :func:`format_report` renders it. The profile is locked meanwhile (``PROFILE.lock``).
     """
     with exclusive(Path(profile), "profile", is_dir=False):
-        return _personalize(Path(profile), bundle, config, progress, settings)
+        return _personalize(Path(profile), bundle, config, progress, settings, also_calibrate or {})
 
 
 def _personalize(profile: Path, bundle: Path | None, config: Config, progress: bool,
-                 settings: PersonalizeConfig | None) -> dict:
+                 settings: PersonalizeConfig | None, also_calibrate: Mapping[str, PersonalizeConfig]) -> dict:
     started = time.perf_counter()
     settings = settings or config.personalize
     store = Profile.load(Path(profile))
@@ -737,6 +740,9 @@ def _personalize(profile: Path, bundle: Path | None, config: Config, progress: b
     calibrated = calibrate(model, stream, data, settings, base.detector, durations)
     f1, detector, counts, per_hour = calibrated[settings.latency]
     presets = {choice: to_dict(found[1]) for choice, found in calibrated.items()}
+    others = {name: _held_out_f1(model, stream, data, other, base.detector,
+                                 latency_holds(min_durations(data.segment_s, other), other.latency, other))[1]
+              for name, other in also_calibrate.items()}
     provenance = {"base_bundle": str(base.path.resolve()), "base_manifest_sha256": base.manifest["manifest_sha256"],
                   "personalize": to_dict(settings), "seed": config.seed, "examples": data.counts,
                   "latency": {"chosen": settings.latency, "detectors": presets}}
@@ -758,6 +764,7 @@ def _personalize(profile: Path, bundle: Path | None, config: Config, progress: b
         "latency": settings.latency,
         "latency_detectors": {choice: found[1] for choice, found in calibrated.items()},
         "latency_f1": {choice: found[0] for choice, found in calibrated.items()},
+        "other_detectors": others,
         "f1": f1,
         "untuned_f1": untuned_f1,
         "false_triggers_per_hour": per_hour,
