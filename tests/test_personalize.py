@@ -641,4 +641,13 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_
             run_personalize_bench(tmp_path, quick=True, progress=False, user_seeds=(11, 12),
                                   **{"aggressor_hours": 0.05, "ablate": True, **other})
         assert not result.exists()
+    # bench global again, with the central comparison and shipping: the store and federated run are kept
+    from benchmarks.personalize import global_model
 
+    rounds = (built / "federated-run" / "metrics.jsonl").read_text()
+    monkeypatch.setattr(global_model, "SHIPPED_BUNDLE", tmp_path / "shipped")
+    shipped = global_model.build_global_model(built, quick=True, progress=False, central=True, ship=True)
+    assert (built / "federated-run" / "metrics.jsonl").read_text() == rounds
+    assert shipped["gap"] == pytest.approx(shipped["central_eval_mAP"] - shipped["federated_eval_mAP"])
+    assert load_bundle(tmp_path / "shipped").manifest["manifest_sha256"] == shipped["manifest_sha256"]
+    assert load_bundle(tmp_path / "shipped").manifest["portable"]["step"] == "step.onnx"
