@@ -520,7 +520,8 @@ def test_each_ablation_switches_off_one_calibration_rule_and_nothing_else():
     variants = ablations(settings)
     assert list(variants) == list(ABLATIONS)
     for name, variant in variants.items():
-        changed = {f.name for f in dataclasses.fields(settings) if getattr(variant, f.name) != getattr(settings, f.name)}
+        changed = {f.name for f in dataclasses.fields(settings)
+                   if getattr(variant, f.name) != getattr(settings, f.name)}
         assert changed == set(ABLATIONS[name]), name
     assert variants["no-hold-cut"].shortest_min_duration_ms == settings.min_duration_ms
     holds = {"click": 250.0, "hum": 500.0}

@@ -69,8 +69,15 @@ dated from its start (a hiss or hum whose probability takes 150 ms to climb from
 otherwise be dated outside the 100 ms onset collar); the trigger comes when the event is confirmed (the
 detection latency).
 
-The personal bundle is written to ``PROFILE/personal/`` with :func:`clients.detector.bundle.write_bundle` and made
-private (0700 folders, 0600 files). Nothing here opens a network connection.
+Latency (``latency``: ``safe``, ``balanced``, ``fast``): the hold is most of the detection latency, so the
+faster choices cap every sound's hold at ``latency-holds-ms`` and pick their thresholds again at those holds
+(:func:`calibrate`); each choice's detector settings are kept in the bundle's provenance, the configured one is
+the bundle's own, and ``fedsound listen --latency`` switches between them.
+
+The global bundle is ``bundle``, else the one the profile was last personalized from, else the one fedsound
+ships (:func:`clients.detector.bundle.shipped_bundle`). The personal bundle is written to ``PROFILE/personal/``
+with :func:`clients.detector.bundle.write_bundle` and made private (0700 folders, 0600 files). Nothing here opens
+a network connection.
 """
 
 from __future__ import annotations
