@@ -502,8 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=_users, default=None, metavar="test|tuning|SEED,SEED,...",
                    help="bench personalize: the synthetic users to run (default: the protocol's test users)")
     p.add_argument("--aggressor-hours", type=float, default=None, metavar="H",
-                   help="bench personalize: hours of aggressor-only audio per user (default 5: 20 h over four "
-                        "users, enough to tell a rate of 0.3 per hour from 0.6)")
+                   help="bench personalize: hours of synthetic aggressor-only audio per user (default 1; "
+                        "--real-audio adds 0.5 h of real speech and 0.25 h of real music)")
     p.add_argument("--examples", type=_distinct_integers, default=None, metavar="N,N,...",
                    help="bench personalize: enrollment examples per sound, one profile each (default 10,5; "
                         "10 alone halves the time a screen of settings takes)")

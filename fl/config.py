@@ -336,17 +336,10 @@ class PersonalizeConfig:
     bundle_share: float = 0.5  # share of aggressor frames taken from the bundle's patches (rest: the user's)
     min_examples: int = 5  # enrollment examples needed per sound
     holdout_fraction: float = 0.3
-    off_ratio: float = 0.9  # off-threshold = on x this: a candidate must stay near on while it holds ...
-    # ... or higher: up to the lowest level the sound's held-out takes kept while they held, less this margin
-    # (never above on; 1 = on x off-ratio alone)
-    off_margin: float = 0.02
-    threshold_tolerance: float = 0.1  # the highest on-threshold whose held-out F1 is this close to the best
-    # ... but a brief sound's (one whose hold run-margin-ms cut: a click, not a pop) no higher than this: its quiet
-    # held-out takes lose nothing up to the grid's top, while the same click over a loud room stays below it
+    off_ratio: float = 0.9  # off-threshold = on x this: a candidate must stay near on while it holds
+    # a brief sound's (one whose hold run-margin-ms cut: a click, not a pop) on-threshold is no higher than this:
+    # its quiet held-out takes lose nothing up to the grid's top, while the same click over a loud room stays below
     brief_sound_max_on: float = 0.75
-    # no sound's on-threshold is picked below this: with few held-out takes (2 of 5 examples), a very low
-    # threshold that catches one faint take would fire on speech
-    min_on_threshold: float = 0.5
     min_duration_ms: float = 250.0  # a sound must hold this long: speech's nasals and fricatives do not
     # a sustained sound must hold this multiple of its short enrolled examples' length (their 20th percentile;
     # the inflated labels keep a true sound high for about the receptive field past its end) ...
@@ -394,12 +387,7 @@ class PersonalizeConfig:
             (self.min_examples >= 2, "min-examples", "must be at least 2 (one to train, one held out)"),
             (0 < self.holdout_fraction < 1, "holdout-fraction", "must be in (0, 1)"),
             (0 < self.off_ratio <= 1, "off-ratio", "must be in (0, 1]"),
-            (0 <= self.off_margin <= 1, "off-margin", "must be in [0, 1]"),
-            (0 <= self.threshold_tolerance < 1, "threshold-tolerance", "must be in [0, 1)"),
             (0 < self.brief_sound_max_on <= 1, "brief-sound-max-on", "must be in (0, 1]"),
-            # a step of the threshold grid (clients/detector/personalize.py) fits between them
-            (0 <= self.min_on_threshold <= self.brief_sound_max_on - 0.05 + 1e-9, "min-on-threshold",
-             "must be in [0, brief-sound-max-on - 0.05]"),
             (self.min_duration_ms >= 0, "min-duration-ms", "must be non-negative"),
             (0 <= self.min_duration_fraction <= 2, "min-duration-fraction", "must be in [0, 2]"),
             (self.max_min_duration_ms >= self.min_duration_ms, "max-min-duration-ms",

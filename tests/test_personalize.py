@@ -23,7 +23,6 @@ from clients.detector.personalize import (
     ValidationStream,
     detector_settings,
     fine_tune,
-    held_levels,
     held_runs_ms,
     label_take,
     load_personalize_config,
@@ -372,12 +371,11 @@ def test_settings_file(tmp_path):
                           ("lr = true", "personalize.lr: expected a number"),
                           ("head-warmup-steps = -1", "personalize.head-warmup-steps: must be non-negative"),
                           ("distill-weight = -0.5", "personalize.distill-weight: must be non-negative"),
-                          ("off-margin = 1.5", r"personalize.off-margin: must be in \[0, 1\]"),
+                          ("off-ratio = 1.5", r"personalize.off-ratio: must be in \(0, 1\]"),
                           ("warp-percent = 60", r"personalize.warp-percent: must be in \[0, 50\]"),
                           ("rise-threshold = 0", r"personalize.rise-threshold: must be in \(0, 1\]"),
                           ("brief-sound-max-on = 0", r"personalize.brief-sound-max-on: must be in \(0, 1\]"),
-                          ("min-on-threshold = 0.72", r"personalize.min-on-threshold: must be in \[0, "
-                                                      r"brief-sound-max-on - 0.05\]"),
+                          ("min-on-threshold = 0.5", "personalize.min-on-threshold: unknown key"),
                           ('latency = "instant"', "personalize.latency: must be one of safe, balanced, fast"),
                           ("latency-holds-ms = [80.0, 160.0]", r"personalize.latency-holds-ms: must be \[balanced, "
                                                                r"fast\] with 0 < fast <= balanced")):
@@ -398,30 +396,13 @@ def test_personal_detector_takes_thresholds_holds_and_onset_dating_from_the_sett
     assert (detector.onset_at_rise, detector.rise_threshold, detector.refractory_ms) == (True, 0.3, 250.0)
 
 
-def test_off_thresholds_rise_to_what_the_held_out_takes_kept_while_holding():
-    frame_s = 0.01
-    probs = np.full((800, 3), 0.05, np.float32)
-    probs[105:140, 0] = 0.99  # pop take at 1.0 s: reaches 0.9 at frame 105, keeps >= 0.96 for its 15-frame hold
-    probs[110:114, 0] = 0.96
-    probs[305:340, 0] = 0.97  # second pop take: lowest over its hold 0.95
-    probs[310, 0] = 0.95
-    probs[505:515, 1] = 0.95  # click take: decays to 0.7 within its hold
-    probs[515:530, 1] = 0.7
-    probs[705:740, 2] = 0.5  # hum take never reaches its on-threshold
-    probs[200:220, 0] = 0.99  # a pop-like burst on no take is not looked at
-    stream = ValidationStream(np.zeros((800, 64), np.float32), [("pop", 1.0), ("pop", 3.0), ("click", 5.0),
-                                                                 ("hum", 7.0)], [], np.zeros(800))
-    sounds, on = ["pop", "click", "hum"], [0.9, 0.9, 0.9]
-    durations = {"pop": 150.0, "click": 150.0, "hum": 400.0}
-    levels = held_levels(probs, stream, sounds, on, durations, frame_s)
-    assert levels == [pytest.approx(0.95), pytest.approx(0.7), None]
-    settings = PersonalizeConfig(off_ratio=0.9, off_margin=0.02)
-    assert off_thresholds(on, levels, settings) == [0.9, 0.81, 0.81]  # never above on; click and hum keep on x ratio
-    assert off_thresholds(on, [0.86, None, None], settings) == [0.84, 0.81, 0.81]
-    assert off_thresholds(on, levels, dataclasses.replace(settings, off_margin=1.0)) == [0.81] * 3
-    off = off_thresholds(on, levels, settings)
-    detector = detector_settings(sounds, on, settings, DetectorConfig(), durations, off)
-    assert detector.class_thresholds == {"pop": [0.9, 0.9], "click": [0.9, 0.81], "hum": [0.9, 0.81]}
+def test_off_thresholds_are_on_times_the_ratio():
+    settings = PersonalizeConfig(off_ratio=0.9)
+    on = [0.9, 0.5, 0.01]
+    assert off_thresholds(on, settings) == [0.81, 0.45, 0.01]  # never below 0.01
+    detector = detector_settings(["pop", "click", "hum"], on, settings, DetectorConfig(),
+                                 {"pop": 150.0, "click": 150.0, "hum": 400.0})
+    assert detector.class_thresholds == {"pop": [0.9, 0.81], "click": [0.5, 0.45], "hum": [0.01, 0.01]}
 
 
 def test_a_brief_sound_is_picked_no_higher_than_its_ceiling():
@@ -433,35 +414,33 @@ def test_a_brief_sound_is_picked_no_higher_than_its_ceiling():
     sounds, durations = ["click", "pop"], {"click": 250.0, "pop": 250.0}
     settings = PersonalizeConfig(min_duration_ms=250.0, brief_sound_max_on=0.8, min_onset_rise_db=0.0)
     f1 = threshold_f1(probs, stream, sounds, settings, DetectorConfig(), frame_s, durations)
-    assert pick_thresholds(f1, settings) == [0.98, 0.98]  # the quiet takes lose nothing up to the grid's top
+    assert pick_thresholds(f1) == [0.98, 0.98]  # the quiet takes lose nothing up to the grid's top
     holds = {"click": 230.0, "pop": 250.0}  # the click's hold was cut (shorten_holds), the pop's was not
     ceilings = on_ceilings(sounds, durations, holds, settings)
     assert ceilings == [0.8, 1.0]
     assert on_ceilings(sounds, durations, durations, settings) == [1.0, 1.0]
-    assert pick_thresholds(f1, settings, ceilings) == [0.8, 0.98]
+    assert pick_thresholds(f1, ceilings) == [0.8, 0.98]
     probs[300:330, 0] = 0.85  # a click-like burst between the takes, above the ceiling: the ceiling still holds
     f1 = threshold_f1(probs, stream, sounds, settings, DetectorConfig(), frame_s, durations)
-    assert pick_thresholds(f1, settings, ceilings)[0] == 0.8
+    assert pick_thresholds(f1, ceilings)[0] == 0.8
 
 
-def test_no_threshold_is_picked_below_the_floor_to_catch_one_faint_take():
+def test_the_highest_threshold_with_the_best_held_out_f1_is_picked():
     frame_s = 0.01
     probs = np.full((700, 1), 0.01, np.float32)
     probs[100:150, 0] = 0.99  # one held-out click near 1 while it holds ...
     probs[400:450, 0] = 0.3  # ... the other never above 0.3: only a threshold at or below 0.3 catches both
     stream = ValidationStream(np.zeros((700, 64), np.float32), [("click", 1.0), ("click", 4.0)], [], np.zeros(700))
     durations = {"click": 250.0}
-    settings = PersonalizeConfig(min_duration_ms=250.0, min_onset_rise_db=0.0, min_on_threshold=0.0)
+    settings = PersonalizeConfig(min_duration_ms=250.0, min_onset_rise_db=0.0)
     f1 = threshold_f1(probs, stream, ["click"], settings, DetectorConfig(), frame_s, durations)
     grid = np.array(THRESHOLD_GRID)
     assert np.all(f1[0, grid <= 0.3] == 1.0) and np.allclose(f1[0, grid > 0.3], 2 / 3)
-    assert pick_thresholds(f1, settings) == [0.3]  # without a floor the faint take drags it down
-    floored = dataclasses.replace(settings, min_on_threshold=0.5)
-    assert pick_thresholds(f1, floored) == [0.98]  # with it: the highest of the thresholds that tie above it
-    assert pick_thresholds(f1, floored, [0.75]) == [0.75]
-    assert PersonalizeConfig().min_on_threshold == load_personalize_config().min_on_threshold == 0.5
-    # in floats 0.6 - 0.05 < 0.55: the check allows for that
-    assert PersonalizeConfig(brief_sound_max_on=0.6, min_on_threshold=0.55).min_on_threshold == 0.55
+    assert pick_thresholds(f1) == [0.3]  # the highest that catches both takes
+    probs[400:450, 0] = 0.01  # the second take is lost at every threshold: all tie, the highest is taken
+    f1 = threshold_f1(probs, stream, ["click"], settings, DetectorConfig(), frame_s, durations)
+    assert pick_thresholds(f1) == [0.98]
+    assert pick_thresholds(f1, [0.75]) == [0.75]
 
 
 def test_holds_end_a_margin_before_the_held_out_takes_fall_below_off():

@@ -32,18 +32,14 @@ Thresholds: a part of each sound's takes (``holdout-fraction``, at least one) an
 out. They are laid out as one validation stream (takes between stretches of background), the fine-tuned model
 runs over it, and for each sound the on-threshold (a grid from 0.05 to 0.98; off = on times ``off-ratio``, 0.9:
 a candidate must stay near on while it holds its minimum duration, and aggressors that only brush on, as a
-plosive in babble, dip below that before they have held) is the highest whose event-level F1 with the
-detector's own post-processing (onset collar 100 ms; detections on background count as false positives) is
-within ``threshold-tolerance`` of the best. Each sound's off threshold then rises from on x ``off-ratio`` towards
-the lowest level its held-out takes kept while they held their minimum duration, less ``off-margin`` (never above
-on): a pop whose takes stay near 1 ends a candidate that dips below on, while a click whose probability decays
-during its hold keeps the ratio. The held-out material is small (three takes of a sound, a minute or
-two of background): it shows whether a threshold loses a take but cannot measure false triggers at a rate of
-one an hour, so of the thresholds that lose nothing the highest is taken (with 3 to 5 held-out takes, one lost
-take costs more than 0.1 of F1). No sound's on-threshold is picked below ``min-on-threshold`` (0.5): with few
-held-out takes, a very low threshold that catches one faint take would fire on speech. The report gives each
-sound's held-out precision and recall at that threshold, the false triggers per hour on the held-out
-background, the same F1 for the untuned head, and the time taken.
+plosive in babble, dip below that before they have held) is the highest with the best event-level F1 with the
+detector's own post-processing (onset collar 100 ms; detections on background count as false positives). The
+held-out material is small (three takes of a sound, a minute or two of background): it shows whether a
+threshold loses a take but cannot measure false triggers at a rate of one an hour, so of the thresholds that
+lose nothing the highest is taken. The report gives each sound's held-out precision and recall at that
+threshold, the false triggers per hour on the held-out background, the same F1 for the untuned head, and the
+time taken. Each rule below was kept because switching it off (``fedsound bench personalize --ablate``) cost
+recall or false triggers on every tuning user (docs/personalization.md, Calibration).
 
 Post-processing: the personal detector keeps the global bundle's settings except the per-sound thresholds, the
 per-sound minimum durations, ``onset-at-rise``, ``rise-threshold``, ``refractory-ms`` and ``min-onset-rise-db`` (6
@@ -98,7 +94,7 @@ from tqdm import tqdm
 
 from clients.detector.bundle import Bundle, load_bundle, shipped_bundle, write_bundle
 from clients.detector.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
-from clients.detector.postprocess import EventTracker, min_duration_frames, to_frames
+from clients.detector.postprocess import EventTracker, to_frames
 from clients.detector.profile import Profile, make_private_tree
 from clients.detector.torch_stream import frame_probabilities
 from fl.config import (
@@ -531,18 +527,6 @@ def _reached_on(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[st
     return frames
 
 
-def held_levels(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[str], on: Sequence[float],
-                durations: Mapping[str, float], frame_s: float) -> list[float | None]:
-    """Per sound: the lowest probability that any of its held-out takes kept over its minimum duration after
-    first reaching its on-threshold (within ``ON_SEARCH_S`` of the take's onset); None if none reached it."""
-    levels: list[float | None] = []
-    for k, (name, firsts) in enumerate(zip(sounds, _reached_on(probs, stream, sounds, on, frame_s), strict=True)):
-        hold = min_duration_frames(durations[name], frame_s)  # as the detector counts it
-        kept = [float(probs[first : first + hold, k].min()) for first in firsts]
-        levels.append(min(kept) if kept else None)
-    return levels
-
-
 def held_runs_ms(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[str], on: Sequence[float],
                  off: Sequence[float], frame_s: float) -> list[list[float]]:
     """Per sound: for each held-out take that reaches its on-threshold within ``ON_SEARCH_S`` of its onset, how
@@ -572,18 +556,9 @@ def shorten_holds(durations: Mapping[str, float], sounds: Sequence[str], runs: S
     return out
 
 
-def off_thresholds(on: Sequence[float], levels: Sequence[float | None], settings: PersonalizeConfig) -> list[float]:
-    """Each sound's off threshold: ``on x off-ratio``, raised towards the level its held-out takes kept while
-    holding (:func:`held_levels`) less ``off-margin``, never above on. A sound whose takes stay high while they
-    hold (a pop) then ends a candidate that dips below that, as a plosive in babble does; one whose probability
-    decays (a click) keeps the ratio."""
-    out = []
-    for threshold, level in zip(on, levels, strict=True):
-        off = threshold * settings.off_ratio
-        if level is not None:
-            off = min(threshold, max(off, level - settings.off_margin))
-        out.append(float(max(0.01, round(off, 4))))
-    return out
+def off_thresholds(on: Sequence[float], settings: PersonalizeConfig) -> list[float]:
+    """Each sound's off threshold: ``on x off-ratio`` (at least 0.01)."""
+    return [float(max(0.01, round(threshold * settings.off_ratio, 4))) for threshold in on]
 
 
 def detector_settings(sounds: Sequence[str], on: Sequence[float], settings: PersonalizeConfig,
@@ -592,7 +567,7 @@ def detector_settings(sounds: Sequence[str], on: Sequence[float], settings: Pers
     """The personal detector's post-processing: per-sound thresholds (``off`` default: on x ``off-ratio``) and
     minimum durations (``durations``, from :func:`min_durations`), onset dating (``onset-at-rise``,
     ``rise-threshold``), refractory time, the onset's level check (``min-onset-rise-db``)."""
-    off = off_thresholds(on, [None] * len(on), settings) if off is None else off
+    off = off_thresholds(on, settings) if off is None else off
     pairs = {name: [float(t), float(o)] for name, t, o in zip(sounds, on, off, strict=True)}
     return dataclasses.replace(base, class_thresholds=pairs, min_duration_ms=settings.min_duration_ms,
                                class_min_duration_ms=dict(durations), onset_at_rise=settings.onset_at_rise,
@@ -613,17 +588,15 @@ def threshold_f1(probs: np.ndarray, stream: ValidationStream, sounds: Sequence[s
     return f1
 
 
-def pick_thresholds(f1: np.ndarray, settings: PersonalizeConfig, ceilings: Sequence[float] | None = None
-                    ) -> list[float]:
-    """Per sound (a row of :func:`threshold_f1`): the highest on-threshold from ``min-on-threshold`` up to its
-    ``ceilings`` entry (default 1) whose held-out event F1 is within ``threshold-tolerance`` of the best of those
-    thresholds."""
+def pick_thresholds(f1: np.ndarray, ceilings: Sequence[float] | None = None) -> list[float]:
+    """Per sound (a row of :func:`threshold_f1`): the highest on-threshold up to its ``ceilings`` entry (default
+    1) with the best held-out event F1 of those thresholds."""
     grid = np.array(THRESHOLD_GRID)
     chosen = []
     for scores_k, ceiling in zip(f1, [1.0] * len(f1) if ceilings is None else ceilings, strict=True):
-        scores = np.where((grid >= settings.min_on_threshold) & (grid <= ceiling), scores_k, -np.inf)
-        near_best = np.flatnonzero(scores >= scores.max() - settings.threshold_tolerance - 1e-9)
-        chosen.append(THRESHOLD_GRID[int(near_best[-1])])
+        scores = np.where(grid <= ceiling, scores_k, -np.inf)
+        best = np.flatnonzero(scores >= scores.max() - 1e-9)
+        chosen.append(THRESHOLD_GRID[int(best[-1])])
     return chosen
 
 
@@ -652,8 +625,8 @@ def _thresholds_and_holds(probs: np.ndarray, stream: ValidationStream, data: Per
                           ) -> tuple[list[float], list[float], dict[str, float]]:
     """(on, off, holds): on-thresholds from :func:`pick_thresholds` over ``f1`` (:func:`threshold_f1`),
     off-thresholds from :func:`off_thresholds`, holds shortened by :func:`shorten_holds`."""
-    on = pick_thresholds(f1, settings, ceilings)
-    off = off_thresholds(on, held_levels(probs, stream, data.sounds, on, durations, data.frame_s), settings)
+    on = pick_thresholds(f1, ceilings)
+    off = off_thresholds(on, settings)
     runs = held_runs_ms(probs, stream, data.sounds, on, off, data.frame_s)
     return on, off, shorten_holds(durations, data.sounds, runs, settings)
 
