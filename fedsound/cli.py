@@ -509,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "10 alone halves the time a screen of settings takes)")
     p.add_argument("--real-audio", default=None, metavar="DIR",
                    help="bench global, personalize: real recordings (`fedsound data real-audio DIR`): train split "
-                        "in the global model's background, test split as aggressors")
+                        "in the global model's background; test split (test users) or tune split (others) "
+                        "as aggressors")
     p.add_argument("--central", action="store_true", help="bench global: also train centrally and report the gap")
     p.add_argument("--ship", action="store_true", help="bench global: copy the bundle into the package")
     p.add_argument("--ablate", action="store_true",

@@ -39,7 +39,8 @@ threshold loses a take but cannot measure false triggers at a rate of one an hou
 lose nothing the highest is taken. The report gives each sound's held-out precision and recall at that
 threshold, the false triggers per hour on the held-out background, the same F1 for the untuned head, and the
 time taken. Each rule below was kept because switching it off (``fedsound bench personalize --ablate``) cost
-recall or false triggers on every tuning user (docs/personalization.md, Calibration).
+every tuning user recall, precision or false triggers (docs/personalization.md, Calibration); the on-threshold
+rule above is the base the others adjust.
 
 Post-processing: the personal detector keeps the global bundle's settings except the per-sound thresholds, the
 per-sound minimum durations, ``onset-at-rise``, ``rise-threshold``, ``refractory-ms`` and ``min-onset-rise-db`` (6
