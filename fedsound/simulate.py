@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,26 @@ from fl.rundir import RunDir
 from fl.store import FeatureStore, with_store_frontend
 
 log = logging.getLogger("fedsound.simulate")
+
+
+def keep_sigterm_handler() -> None:
+    """Keep a SIGTERM handler the command installed when Ray starts in this process.
+
+    ``ray.init`` replaces the main thread's SIGTERM handler with one that raises ``SystemExit`` at once; Flower's
+    worker threads then log every message the teardown cuts short as an error with its traceback. A command's own
+    handler (``fedsound``'s stops a command as Ctrl-C does) is kept; without one, Ray's is installed as before."""
+    import ray._private.utils as ray_utils
+
+    if getattr(ray_utils.set_sigterm_handler, "keeps_existing_handler", False):
+        return
+    install = ray_utils.set_sigterm_handler
+
+    def set_sigterm_handler(handler: object) -> None:
+        if not callable(signal.getsignal(signal.SIGTERM)):
+            install(handler)
+
+    set_sigterm_handler.keeps_existing_handler = True  # type: ignore[attr-defined]
+    ray_utils.set_sigterm_handler = set_sigterm_handler
 
 
 def backend_config(config: Config) -> dict:
@@ -64,6 +85,7 @@ def _simulate(store_path: Path, config: Config, out: Path, resume: bool, progres
     if supernodes < plan.n_clients:
         raise DataError(f"federated.supernodes={supernodes} is fewer than the {plan.n_clients} partitions")
     os.environ[RUN_ENV] = str(settings.save())
+    keep_sigterm_handler()
     log.info("simulating %d rounds over %d clients (%s)", config.federated.rounds, plan.n_clients,
              config.federated.strategy)
     try:

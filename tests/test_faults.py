@@ -128,6 +128,32 @@ def test_a_forked_worker_keeps_the_default_signal_handling() -> None:
     assert result.stdout.strip() == "True", result.stderr
 
 
+def test_ray_keeps_the_sigterm_handler_a_command_installed() -> None:
+    """ray.init replaces the SIGTERM handler with one that exits wherever the main thread is; after
+    keep_sigterm_handler a command's own handler stays, and Ray's is installed only where there was none."""
+    import ray._private.utils as ray_utils
+
+    from fedsound.simulate import keep_sigterm_handler
+
+    def ours(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    def rays(signum: int, frame: object) -> None:
+        sys.exit(signum)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        keep_sigterm_handler()
+        signal.signal(signal.SIGTERM, ours)
+        ray_utils.set_sigterm_handler(rays)
+        assert signal.getsignal(signal.SIGTERM) is ours
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        ray_utils.set_sigterm_handler(rays)
+        assert signal.getsignal(signal.SIGTERM) is rays
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.slow
 def test_sigterm_stops_a_simulation_and_leaves_it_resumable(tiny_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
