@@ -1,9 +1,9 @@
 """Federated training through Flower's Simulation Engine (Ray) on the tiny synthetic store.
 
 Each simulation costs 10-25 s on two cores (Ray start, client actors importing torch), so the module runs
-six: one uninterrupted 2-round run, a repeat of it, a 1-round run resumed to 2 rounds, a run over a store in
-which one client's data raise and another's give NaN weights, and one simulation in which the real round
-loop (``run_federated``) runs one round of each of the nine strategies in turn. The A/B/resume runs use
+five: one uninterrupted 2-round run, a repeat of it, a 1-round run resumed to 2 rounds (two), and one simulation
+in which the real round loop (``run_federated``) runs one round of each of the nine strategies in turn, then one
+round over a store in which one client's data raise and another's give NaN weights. The A/B/resume runs use
 FedAvgM, whose server momentum and current weights must survive the checkpoint for resume to be exact.
 """
 
@@ -146,12 +146,21 @@ def test_resume_equals_uninterrupted(uninterrupted: Path, resumed: dict) -> None
     assert_same_weights(model_state(resumed["out"]), model_state(uninterrupted), atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def faulty_run(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One round with every client over a store in which one uploader's train frames are NaN (its update
-    is non-finite) and one clip of another uploader points past the end of the frames (its client raises)."""
-    base = tmp_path_factory.mktemp("faulty")
-    store = base / "store.h5"
+@pytest.mark.slow
+def test_failing_and_nan_clients_do_not_stop_the_round(strategy_runs: dict) -> None:
+    faulty_run = strategy_runs["faulty"]
+    (record,) = RunDir(faulty_run).records()
+    n_clients = PartitionPlan.load(faulty_run / "partition.json").n_clients
+    assert record["clients_sampled"] == list(range(n_clients))
+    assert record["clients_rejected"] == [NAN_PARTITION]
+    assert record["clients_failed"] == 1
+    assert 0.0 <= record["mAP"] <= 1.0 and np.isfinite(record["train_loss"])
+    assert all(torch.isfinite(v).all() for v in model_state(faulty_run).values())
+
+
+def faulty_store(tiny_store: Path, store: Path) -> Path:
+    """A copy of the tiny store in which one uploader's train frames are NaN (its update is non-finite) and one
+    clip of another uploader points past the end of the frames (its client raises)."""
     shutil.copy(tiny_store, store)
     plan = partition_by_uploader(FeatureStore(tiny_store).table("train").clips)
     with h5py.File(store, "r+") as h5:
@@ -162,28 +171,16 @@ def faulty_run(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest.Te
         # a store written this way, not corrupted on disk: its checksums describe what it now holds
         frames.attrs["sha256"] = hashlib.sha256(frames[()].tobytes()).hexdigest()
         offsets.attrs["sha256"] = store_digest(offsets[()])
-    config = replace(sim_config, federated=replace(sim_config.federated, rounds=1, fraction=1.0))
-    run_sim(store, config, base / "run")
-    return base / "run"
+    return store
 
 
-@pytest.mark.slow
-def test_failing_and_nan_clients_do_not_stop_the_round(faulty_run: Path) -> None:
-    (record,) = RunDir(faulty_run).records()
-    n_clients = PartitionPlan.load(faulty_run / "partition.json").n_clients
-    assert record["clients_sampled"] == list(range(n_clients))
-    assert record["clients_rejected"] == [NAN_PARTITION]
-    assert record["clients_failed"] == 1
-    assert 0.0 <= record["mAP"] <= 1.0 and np.isfinite(record["train_loss"])
-    assert all(torch.isfinite(v).all() for v in model_state(faulty_run).values())
-
-
-# --- every strategy: one round each through the real round loop, in one simulation ------------------------
+# --- the real round loop, one simulation: one round of each strategy, and one over the faulty store -----------
 
 
 @pytest.fixture(scope="module")
 def strategy_runs(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Run ``run_federated`` for one round of each strategy, three clients per round, inside one simulation."""
+    """Run ``run_federated`` for one round of each strategy (three clients per round), then one round of every
+    client over the faulty store, inside one simulation."""
     base = tmp_path_factory.mktemp("strategies")
     config = apply_flat(sim_config, {"federated.rounds": 1, "federated.fraction": 0.1, "federated.min-clients": 3,
                                      "federated.proximal-mu": 1.0, "train.batch-size": 4}, "test")
@@ -195,11 +192,13 @@ def strategy_runs(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest
         shutil.copy(plan_path, out / "partition.json")
         runs[name] = RunSettings(replace(config, federated=replace(config.federated, strategy=name)),
                                  tiny_store, out)
+    faulty = RunSettings(replace(sim_config, federated=replace(sim_config.federated, rounds=1, fraction=1.0)),
+                         faulty_store(tiny_store, base / "faulty-store.h5"), base / "faulty")
     server_app = ServerApp()
 
     @server_app.main()
     def every_strategy(grid: Grid, context: Context) -> None:
-        for settings in runs.values():
+        for settings in [*runs.values(), faulty]:
             run_federated(grid, settings)
 
     with warnings.catch_warnings():
@@ -207,7 +206,8 @@ def strategy_runs(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest
         run_simulation(server_app=server_app, client_app=client_app,
                        num_supernodes=PartitionPlan.load(plan_path).n_clients,
                        backend_config=backend_config(config), verbose_logging=False)
-    return {"config": config, "plan": PartitionPlan.load(plan_path), "outs": {k: s.out for k, s in runs.items()}}
+    return {"config": config, "plan": PartitionPlan.load(plan_path), "outs": {k: s.out for k, s in runs.items()},
+            "faulty": faulty.out}
 
 
 @pytest.mark.slow

@@ -12,20 +12,27 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
 
+from clients.client_app import app as client_app
 from clients.client_app import clip_when_asked
-from fedsound.simulate import simulate
+from fedsound.simulate import backend_config, simulate
 from fl.config import Config, apply_flat, load_config
 from fl.errors import ConfigError
+from fl.federation import RunSettings
 from fl.model_io import load_model
 from fl.partition import partition_by_uploader
 from fl.rundir import RunDir
 from fl.runtime import configure_environment
 from fl.store import FeatureStore
 from fl.store import _digest as store_digest
+from fl.train import new_model
 from server.privacy import PrivacyLedger
+from server.server_app import run_federated
 
 NORM = 0.5
+MODES = ("server-fixed", "client-fixed", "server-adaptive")
 
 
 def _message(arrays: dict[str, np.ndarray], config: dict) -> Message:
@@ -97,27 +104,64 @@ def _simulate(store: Path, config: Config, out: Path, resume: bool = False) -> N
         simulate(store, config, out, resume=resume, progress=False)
 
 
+def _store_with_a_nan_client(tiny_store: Path, store: Path) -> Path:
+    """A copy of the tiny store in which every train frame of partition 1 is NaN (its update is rejected)."""
+    shutil.copy(tiny_store, store)
+    plan = partition_by_uploader(FeatureStore(tiny_store).table("train").clips)
+    with h5py.File(store, "r+") as h5:
+        frames, offsets, n_frames = h5["train/frames"], h5["train/clips/offset"], h5["train/clips/n_frames"]
+        for clip in plan.clients[1]:
+            frames[offsets[clip]:offsets[clip] + n_frames[clip]] = np.nan
+        frames.attrs["sha256"] = store_digest(frames[()])
+    return store
+
+
+@pytest.fixture(scope="module")
+def dp_runs(tiny_store: Path, dp_config: Config, tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunSettings]:
+    """One round of each DP mode, and one client-fixed round with every client sampled over a store in which one
+    client's frames are NaN: each through the real round loop (``run_federated``), all in one simulation."""
+    base = tmp_path_factory.mktemp("dp-runs")
+    one_round = apply_flat(dp_config, {"federated.rounds": 1}, "test")
+    runs = {mode: RunSettings(apply_flat(one_round, {"federated.dp": mode}, "test"), tiny_store, base / mode)
+            for mode in MODES}
+    runs["missing-update"] = RunSettings(apply_flat(one_round, {"federated.fraction": 1.0}, "test"),
+                                         _store_with_a_nan_client(tiny_store, base / "store.h5"), base / "missing")
+    server_app = ServerApp()
+
+    @server_app.main()
+    def every_run(grid: Grid, context: Context) -> None:
+        for settings in runs.values():
+            run_federated(grid, settings)
+
+    n_clients = len(partition_by_uploader(FeatureStore(tiny_store).table("train").clips).clients)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_clients,
+                       backend_config=backend_config(one_round), verbose_logging=False)
+    return runs
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["server-fixed", "client-fixed", "server-adaptive"])
-def test_each_dp_mode_trains_and_accounts_every_round(tiny_store: Path, dp_config: Config, tmp_path: Path,
-                                                      mode: str) -> None:
-    config = apply_flat(dp_config, {"federated.dp": mode, "federated.rounds": 1}, "test")
-    _simulate(tiny_store, config, tmp_path / "run")
-    records = RunDir(tmp_path / "run").records()
+@pytest.mark.parametrize("mode", MODES)
+def test_each_dp_mode_trains_and_accounts_every_round(dp_runs: dict[str, RunSettings], mode: str) -> None:
+    config, out = dp_runs[mode].config, dp_runs[mode].out
+    records = RunDir(out).records()
     ledger = PrivacyLedger(config.federated, population=10, n_sampled=len(records[0]["clients_sampled"]))
     for record in records:
         ledger.release()
         assert record["epsilon"] == pytest.approx(ledger.epsilon()) and record["delta"] == config.federated.dp_delta
         assert record["dp_releases"] == record["round"] and 0 <= record["mAP"] <= 1
     assert len(records) == 1 and records[0]["dp_clipping_norm"] == NORM  # the round used the initial norm
-    next_norm = RunDir(tmp_path / "run").load_checkpoint()["strategy"].get("dp_clipping_norm", NORM)
+    next_norm = RunDir(out).load_checkpoint()["strategy"].get("dp_clipping_norm", NORM)
     assert (next_norm != NORM) == (mode == "server-adaptive")  # the adaptive norm follows the updates' norms
 
 
 @pytest.mark.slow
-def test_a_dp_run_resumes_with_its_budget(tiny_store: Path, dp_config: Config, tmp_path: Path) -> None:
+def test_a_dp_run_resumes_with_its_budget(tiny_store: Path, dp_runs: dict[str, RunSettings], dp_config: Config,
+                                          tmp_path: Path) -> None:
+    """The one-round client-fixed run, resumed by ``fedsound simulate`` to two rounds, spends two releases."""
     out = tmp_path / "run"
-    _simulate(tiny_store, replace(dp_config, federated=replace(dp_config.federated, rounds=1)), out)
+    shutil.copytree(dp_runs["client-fixed"].out, out)
     _simulate(tiny_store, dp_config, out, resume=True)
     first, second = RunDir(out).records()
     assert second["dp_releases"] == 2 and second["epsilon"] > first["epsilon"] > 0
@@ -127,23 +171,12 @@ def test_a_dp_run_resumes_with_its_budget(tiny_store: Path, dp_config: Config, t
 
 
 @pytest.mark.slow
-def test_a_dp_round_missing_an_update_is_not_aggregated_and_spends_nothing(tiny_store, dp_config, tmp_path):
+def test_a_dp_round_missing_an_update_is_not_aggregated_and_spends_nothing(dp_runs: dict[str, RunSettings]) -> None:
     """Every client sampled, one of them with NaN frames (its update is rejected): the noise is calibrated to the
     sampled count, so the round keeps the model as it was."""
-    store = tmp_path / "store.h5"
-    shutil.copy(tiny_store, store)
-    plan = partition_by_uploader(FeatureStore(tiny_store).table("train").clips)
-    with h5py.File(store, "r+") as h5:
-        frames, offsets, n_frames = h5["train/frames"], h5["train/clips/offset"], h5["train/clips/n_frames"]
-        for clip in plan.clients[1]:
-            frames[offsets[clip]:offsets[clip] + n_frames[clip]] = np.nan
-        frames.attrs["sha256"] = store_digest(frames[()])
-    config = apply_flat(dp_config, {"federated.rounds": 1, "federated.fraction": 1.0}, "test")
-    _simulate(store, config, tmp_path / "run")
-    (record,) = RunDir(tmp_path / "run").records()
+    settings = dp_runs["missing-update"]
+    (record,) = RunDir(settings.out).records()
     assert record["clients_rejected"] == [1] and record["dp_releases"] == 0 and record["epsilon"] == 0.0
-    model, _ = load_model(tmp_path / "run" / "model.pt")
-    from fl.train import new_model
-
-    initial = new_model(config, FeatureStore(store)).state_dict()
+    model, _ = load_model(settings.out / "model.pt")
+    initial = new_model(settings.config, FeatureStore(settings.store)).state_dict()
     assert all(torch.equal(model.state_dict()[k], initial[k]) for k in initial)
