@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import numpy as np
-from scipy.stats import norm
-from sklearn.metrics import average_precision_score, label_ranking_average_precision_score, roc_auc_score
 
 from fl.errors import DataError
 
@@ -64,7 +63,7 @@ def dprime_from_auc(auc: float) -> float:
     """d' = sqrt(2) * Phi^-1(auc), with auc clipped to [AUC_EPS, 1 - AUC_EPS]; nan stays nan."""
     if math.isnan(auc):
         return math.nan
-    return float(math.sqrt(2.0) * norm.ppf(min(max(auc, AUC_EPS), 1.0 - AUC_EPS)))
+    return float(math.sqrt(2.0) * NormalDist().inv_cdf(min(max(auc, AUC_EPS), 1.0 - AUC_EPS)))
 
 
 def clip_metrics(y_true: np.ndarray, y_score: np.ndarray, labels: Sequence[str] | None = None) -> dict:
@@ -76,6 +75,8 @@ def clip_metrics(y_true: np.ndarray, y_score: np.ndarray, labels: Sequence[str] 
     (default: their indices as strings). Raises DataError on NaN/inf scores, non-binary targets or shape
     mismatch.
     """
+    from sklearn.metrics import average_precision_score, label_ranking_average_precision_score, roc_auc_score
+
     y_true, y_score, names = _validate(y_true, y_score, labels)
     n_clips = y_true.shape[0]
     positives = y_true.sum(axis=0)
