@@ -45,6 +45,7 @@ from fl.config import CONFIG_DIR, Config, DetectorConfig, FrontendConfig, load_c
 from fl.errors import ConfigError
 from fl.frontend import Frontend, band_centres_hz
 from fl.models import TCN, ModelConfig
+from fl.store import FeatureStore
 
 RATE = 16000
 SOUNDS = ("click", "whistle")
@@ -629,5 +630,8 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_
     shipped = global_model.build_global_model(built, quick=True, progress=False, central=True, ship=True)
     assert (built / "federated-run" / "metrics.jsonl").read_text() == rounds
     assert shipped["gap"] == pytest.approx(shipped["central_eval_mAP"] - shipped["federated_eval_mAP"])
+    labels = FeatureStore(built / "store" / "store.h5").labels
+    assert list(shipped["federated_eval_ap"]) == list(shipped["central_eval_ap"]) == list(labels)
+    assert f"eval AP per class        {labels[0]} " in capsys.readouterr().out
     assert load_bundle(tmp_path / "shipped").manifest["manifest_sha256"] == shipped["manifest_sha256"]
     assert load_bundle(tmp_path / "shipped").manifest["portable"]["step"] == "step.onnx"

@@ -87,13 +87,15 @@ def build_global_model(workdir: Path, quick: bool = False, out_json: Path | None
     started = time.perf_counter()
     store = build_store(workdir, config, quick, Path(real_audio) if real_audio else None, progress)
     model = _federated(store, config, workdir / "federated-run", progress)
-    figures: dict[str, Any] = {"federated_eval_mAP": evaluate_model_file(model, store, "eval", progress)["mAP"]}
+    federated = evaluate_model_file(model, store, "eval", progress)
+    figures: dict[str, Any] = {"federated_eval_mAP": federated["mAP"], "federated_eval_ap": federated["per_class_ap"]}
     if central:
         central_run = workdir / "central-run"
         if not (central_run / "model.pt").is_file():
             shutil.rmtree(central_run, ignore_errors=True)
             train_central(store, config, central_run, progress=progress)
-        figures["central_eval_mAP"] = evaluate_model_file(central_run / "model.pt", store, "eval", progress)["mAP"]
+        central_figures = evaluate_model_file(central_run / "model.pt", store, "eval", progress)
+        figures.update({"central_eval_mAP": central_figures["mAP"], "central_eval_ap": central_figures["per_class_ap"]})
         figures["gap"] = figures["central_eval_mAP"] - figures["federated_eval_mAP"]
     bundle = workdir / "global-bundle"
     export_bundle(model, bundle, config, store=store, background_patches=BUNDLE_BACKGROUND_PATCHES,
@@ -111,6 +113,10 @@ def build_global_model(workdir: Path, quick: bool = False, out_json: Path | None
     return report
 
 
+def _ap(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The figures as text."""
     lines = [f"global mouth-sound model: {report['sizes']['n_voices']} voices, background "
@@ -118,6 +124,10 @@ def format_report(report: dict[str, Any]) -> str:
              f"  federated eval mAP       {report['federated_eval_mAP']:.4f}"]
     if "central_eval_mAP" in report:
         lines.append(f"  central eval mAP         {report['central_eval_mAP']:.4f} (gap {report['gap']:+.4f})")
+    central_ap = report.get("central_eval_ap", {})
+    lines.append("  eval AP per class        " + ", ".join(
+        f"{label} {_ap(ap)}" + (f"/{_ap(central_ap[label])}" if label in central_ap else "")
+        for label, ap in report["federated_eval_ap"].items()) + (" (federated/central)" if central_ap else ""))
     lines.append(f"  bundle                   {report['bundle']} (manifest sha256 {report['manifest_sha256']})")
     if report["shipped"]:
         lines.append(f"  shipped                  {report['shipped']}")
