@@ -41,7 +41,7 @@ from clients.detector.personalize import (
 )
 from clients.detector.profile import Profile
 from data_prep.mouth_sounds import background_take, enrollment_take, make_aggressor_stream, make_test_stream, make_voice
-from fl.config import CONFIG_DIR, Config, DetectorConfig, FrontendConfig, load_config
+from fl.config import CONFIG_DIR, Config, DetectorConfig, FrontendConfig, apply_flat, load_config
 from fl.errors import ConfigError
 from fl.frontend import Frontend, band_centres_hz
 from fl.models import TCN, ModelConfig
@@ -635,3 +635,18 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_
     assert f"eval AP per class        {labels[0]} " in capsys.readouterr().out
     assert load_bundle(tmp_path / "shipped").manifest["manifest_sha256"] == shipped["manifest_sha256"]
     assert load_bundle(tmp_path / "shipped").manifest["portable"]["step"] == "step.onnx"
+
+
+@pytest.mark.parametrize(("lever", "changes"), [
+    ("fedavgm", {"federated.strategy": "fedavgm", "federated.server-momentum": 0.9}),
+    ("fedadam", {"federated.strategy": "fedadam", "federated.server-lr": 0.01}),
+    ("localsteps", {"train.batch-size": 16, "federated.local-epochs": 4})])
+def test_each_federation_lever_is_the_global_models_federation_with_its_one_change(lever, changes):
+    """The lever configs BENCHMARKS reports differ from the global model's settings in the keys they name only."""
+    from benchmarks.personalize.global_model import global_config
+
+    lever_config = load_config(CONFIG_DIR.parent / "benchmarks" / "personalize" / "federation" / f"{lever}.toml")
+    expected = apply_flat(global_config(0, quick=False), changes, "test")
+    for part in ("frontend", "model", "partition", "federated"):
+        assert getattr(lever_config, part) == getattr(expected, part), part
+    assert dataclasses.replace(lever_config.train, epochs=expected.train.epochs) == expected.train
