@@ -2,7 +2,8 @@
 
 Every command takes ``--workdir DIR`` and ``-v/-q``; ``--seed`` and ``--config FILE`` only where they change
 what the command does, so a flag that would be ignored is an error instead.
-Heavy modules are imported inside the handlers so that ``fedsound --help`` stays instant.
+Heavy modules are imported inside the handlers, after the command's config is checked, so that ``fedsound --help``
+and a bad flag or config file answer at once.
 """
 
 from __future__ import annotations
@@ -104,9 +105,8 @@ def cmd_data_real_audio(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prep(args: argparse.Namespace) -> int:
-    from data_prep.prep import prep
-
     config = _config(args)
+    from data_prep.prep import prep
     summary = prep(Path(args.fsd50k_dir), Path(args.store), config.frontend, workers=args.workers,
                    progress=_progress(args))
     print("\n".join(summary.lines()))
@@ -124,10 +124,9 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_data_partition(args: argparse.Namespace) -> int:
-    from fl.partition import build_partition, format_summary
-
     config = _config(args, {"partition.by": args.by, "partition.min-clips": args.min_clips,
                             "partition.clients": args.clients, "partition.alpha": args.alpha})
+    from fl.partition import build_partition, format_summary
     plan, summary, plot = build_partition(Path(args.store), config, Path(args.out) if args.out else None)
     print(format_summary(summary))
     print(f"plan: {plan}  plot: {plot}")
@@ -138,10 +137,9 @@ def cmd_data_partition(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fl.train import train_central
-
     config = _config(args, {"model.name": args.model, "train.epochs": args.epochs, "train.lr": args.lr,
                             "train.batch-size": args.batch_size, "train.device": args.device})
+    from fl.train import train_central
     out = Path(args.out) if args.out else Path(args.workdir) / "runs" / "central"
     result = train_central(Path(args.store), config, out, resume=args.resume, progress=_progress(args),
                            allow_config_change=args.allow_config_change)
@@ -164,11 +162,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedsound.simulate import simulate
-
     config = _config(args, {"federated.rounds": args.rounds, "federated.fraction": args.fraction,
                             "federated.local-epochs": args.local_epochs, "federated.strategy": args.strategy,
                             "federated.ray-address": args.ray_address, "federated.ray-timeout-s": args.ray_timeout_s})
+    from fedsound.simulate import simulate
     out = Path(args.resume or args.out or Path(args.workdir) / "runs" / "federated")
     result = simulate(Path(args.store), config, out, resume=bool(args.resume), progress=_progress(args),
                       central=Path(args.central) if args.central else None,
@@ -178,10 +175,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedsound.sweep import run_sweep
-
     config = _config(args, {"federated.ray-address": args.ray_address, "federated.ray-timeout-s": args.ray_timeout_s,
                             "sweep.max-concurrent": args.max_concurrent})
+    from fedsound.sweep import run_sweep
     out = Path(args.out) if args.out else Path(args.workdir) / "sweeps" / "sweep"
     best = run_sweep(Path(args.store), config, out, resume=args.resume, progress=_progress(args))
     print(f"sweep: {out}  best trial {best['trial']} {best['params']}: "
@@ -245,9 +241,8 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from clients.detector.bundle import DEFAULT_BACKGROUND_PATCHES, export_bundle
-
     config = _config(args)
+    from clients.detector.bundle import DEFAULT_BACKGROUND_PATCHES, export_bundle
     patches = DEFAULT_BACKGROUND_PATCHES if args.background_patches is None else args.background_patches
     path = export_bundle(Path(args.model), Path(args.bundle), config, store=Path(args.store) if args.store else None,
                          background_patches=patches, exclude_labels=args.exclude_labels, portable=args.onnx)
@@ -282,9 +277,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_personalize(args: argparse.Namespace) -> int:
-    from clients.detector.personalize import format_report, personalize
-
     config = _config(args, {"personalize.latency": args.latency})
+    from clients.detector.personalize import format_report, personalize
     report = personalize(Path(args.profile), Path(args.bundle) if args.bundle else None, config,
                          progress=_progress(args))
     print(format_report(report))
