@@ -1,14 +1,22 @@
-"""Shared fixtures: a tiny synthetic feature store (built once per session) and a small configuration."""
+"""Shared fixtures: a tiny synthetic feature store (built once per session) and a small configuration; helpers for
+the tests that run Flower simulations over it."""
 
 from __future__ import annotations
 
+import shutil
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from data_prep.prep import prep
 from data_prep.synth import synthesize_corpus
 from fl.config import Config, FrontendConfig, load_config
+
+if TYPE_CHECKING:
+    from fl.federation import RunSettings
 
 TINY_CLIPS = 60
 TINY_UPLOADERS = 10
@@ -67,3 +75,52 @@ def event_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_model(path, model, {"labels": list(LABELS), "mids": ["/t/click", "/t/whistle"],
                              "frontend": to_dict(EVENT_FRONTEND)})
     return path
+
+
+def store_with_faults(source: Path, store: Path, nan_partition: int, broken_partition: int | None = None) -> Path:
+    """A copy of ``source`` in which every train frame of ``nan_partition`` (partitions by uploader, largest first)
+    is NaN, so its update is non-finite, and, with ``broken_partition``, one clip of that partition points past the
+    end of the frames, so its client raises. Its checksums describe what it now holds (a store written this way,
+    not corrupted on disk)."""
+    import h5py
+    import numpy as np
+
+    from fl.partition import partition_by_uploader
+    from fl.store import FeatureStore
+    from fl.store import _digest as store_digest
+
+    shutil.copy(source, store)
+    plan = partition_by_uploader(FeatureStore(source).table("train").clips)
+    with h5py.File(store, "r+") as h5:
+        frames, offsets, n_frames = h5["train/frames"], h5["train/clips/offset"], h5["train/clips/n_frames"]
+        for clip in plan.clients[nan_partition]:
+            frames[offsets[clip]:offsets[clip] + n_frames[clip]] = np.nan
+        if broken_partition is not None:
+            offsets[plan.clients[broken_partition][0]] = 10 * frames.shape[0]
+        frames.attrs["sha256"] = store_digest(frames[()])
+        offsets.attrs["sha256"] = store_digest(offsets[()])
+    return store
+
+
+def run_in_one_simulation(runs: Sequence[RunSettings], n_clients: int, config: Config) -> None:
+    """The real round loop (``run_federated``) of each of ``runs`` in turn, inside one Flower simulation of
+    ``n_clients`` supernodes (one Ray start for them all; ``config`` sets the client resources)."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import app as client_app
+    from fedsound.simulate import backend_config
+    from server.server_app import run_federated
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def every_run(grid: Grid, context: Context) -> None:
+        for settings in runs:
+            run_federated(grid, settings)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_clients,
+                       backend_config=backend_config(config), verbose_logging=False)

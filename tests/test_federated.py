@@ -10,35 +10,29 @@ for resume to be exact.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context
+from conftest import run_in_one_simulation, store_with_faults
+from flwr.app import ArrayRecord
 from flwr.common.config import get_fused_config_from_dir
-from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 
-from clients.client_app import app as client_app
 from fedsound.cli import main as cli_main
-from fedsound.simulate import backend_config, simulate
+from fedsound.simulate import simulate
 from fl.config import STRATEGIES, Config, apply_flat
 from fl.errors import ConfigError
 from fl.federation import RUN_ENV, RunSettings, settings_from_run_config, update_problem
 from fl.model_io import load_model
-from fl.partition import PartitionPlan, build_partition, partition_by_uploader
+from fl.partition import PartitionPlan, build_partition
 from fl.rundir import RunDir
 from fl.runtime import configure_environment
 from fl.store import FeatureStore
-from fl.store import _digest as store_digest
 from fl.train import new_model, train_epochs
-from server.server_app import run_federated
 from server.strategy import build_strategy, restore_strategy_state, sample_partitions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,22 +149,6 @@ def test_failing_and_nan_clients_do_not_stop_the_round(strategy_runs: dict) -> N
     assert all(torch.isfinite(v).all() for v in model_state(faulty_run).values())
 
 
-def faulty_store(tiny_store: Path, store: Path) -> Path:
-    """A copy of the tiny store in which one uploader's train frames are NaN (its update is non-finite) and one
-    clip of another uploader points past the end of the frames (its client raises)."""
-    shutil.copy(tiny_store, store)
-    plan = partition_by_uploader(FeatureStore(tiny_store).table("train").clips)
-    with h5py.File(store, "r+") as h5:
-        frames, offsets, n_frames = h5["train/frames"], h5["train/clips/offset"], h5["train/clips/n_frames"]
-        for clip in plan.clients[NAN_PARTITION]:
-            frames[offsets[clip]:offsets[clip] + n_frames[clip]] = np.nan
-        offsets[plan.clients[BROKEN_PARTITION][0]] = 10 * frames.shape[0]
-        # a store written this way, not corrupted on disk: its checksums describe what it now holds
-        frames.attrs["sha256"] = hashlib.sha256(frames[()].tobytes()).hexdigest()
-        offsets.attrs["sha256"] = store_digest(offsets[()])
-    return store
-
-
 # --- the real round loop, one simulation: one round of each strategy, and one over the faulty store -----------
 
 
@@ -189,20 +167,10 @@ def strategy_runs(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest
         shutil.copy(plan_path, out / "partition.json")
         runs[name] = RunSettings(replace(config, federated=replace(config.federated, strategy=name)),
                                  tiny_store, out)
+    faulty_store = store_with_faults(tiny_store, base / "faulty-store.h5", NAN_PARTITION, BROKEN_PARTITION)
     faulty = RunSettings(replace(sim_config, federated=replace(sim_config.federated, rounds=1, fraction=1.0)),
-                         faulty_store(tiny_store, base / "faulty-store.h5"), base / "faulty")
-    server_app = ServerApp()
-
-    @server_app.main()
-    def every_strategy(grid: Grid, context: Context) -> None:
-        for settings in [*runs.values(), faulty]:
-            run_federated(grid, settings)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(server_app=server_app, client_app=client_app,
-                       num_supernodes=PartitionPlan.load(plan_path).n_clients,
-                       backend_config=backend_config(config), verbose_logging=False)
+                         faulty_store, base / "faulty")
+    run_in_one_simulation([*runs.values(), faulty], PartitionPlan.load(plan_path).n_clients, config)
     return {"config": config, "plan": PartitionPlan.load(plan_path), "outs": {k: s.out for k, s in runs.items()},
             "faulty": faulty.out}
 

@@ -7,17 +7,14 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import run_in_one_simulation, store_with_faults
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 
-from clients.client_app import app as client_app
 from clients.client_app import clip_when_asked
-from fedsound.simulate import backend_config, simulate
+from fedsound.simulate import simulate
 from fl.config import Config, apply_flat, load_config
 from fl.errors import ConfigError
 from fl.federation import RunSettings
@@ -26,10 +23,8 @@ from fl.partition import partition_by_uploader
 from fl.rundir import RunDir
 from fl.runtime import configure_environment
 from fl.store import FeatureStore
-from fl.store import _digest as store_digest
 from fl.train import new_model
 from server.privacy import PrivacyLedger
-from server.server_app import run_federated
 
 NORM = 0.5
 MODES = ("server-fixed", "client-fixed", "server-adaptive")
@@ -104,18 +99,6 @@ def _simulate(store: Path, config: Config, out: Path, resume: bool = False) -> N
         simulate(store, config, out, resume=resume, progress=False)
 
 
-def _store_with_a_nan_client(tiny_store: Path, store: Path) -> Path:
-    """A copy of the tiny store in which every train frame of partition 1 is NaN (its update is rejected)."""
-    shutil.copy(tiny_store, store)
-    plan = partition_by_uploader(FeatureStore(tiny_store).table("train").clips)
-    with h5py.File(store, "r+") as h5:
-        frames, offsets, n_frames = h5["train/frames"], h5["train/clips/offset"], h5["train/clips/n_frames"]
-        for clip in plan.clients[1]:
-            frames[offsets[clip]:offsets[clip] + n_frames[clip]] = np.nan
-        frames.attrs["sha256"] = store_digest(frames[()])
-    return store
-
-
 @pytest.fixture(scope="module")
 def dp_runs(tiny_store: Path, dp_config: Config, tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunSettings]:
     """One round of each DP mode, and one client-fixed round with every client sampled over a store in which one
@@ -124,20 +107,11 @@ def dp_runs(tiny_store: Path, dp_config: Config, tmp_path_factory: pytest.TempPa
     one_round = apply_flat(dp_config, {"federated.rounds": 1}, "test")
     runs = {mode: RunSettings(apply_flat(one_round, {"federated.dp": mode}, "test"), tiny_store, base / mode)
             for mode in MODES}
-    runs["missing-update"] = RunSettings(apply_flat(one_round, {"federated.fraction": 1.0}, "test"),
-                                         _store_with_a_nan_client(tiny_store, base / "store.h5"), base / "missing")
-    server_app = ServerApp()
-
-    @server_app.main()
-    def every_run(grid: Grid, context: Context) -> None:
-        for settings in runs.values():
-            run_federated(grid, settings)
-
+    nan_store = store_with_faults(tiny_store, base / "store.h5", nan_partition=1)
+    runs["missing-update"] = RunSettings(apply_flat(one_round, {"federated.fraction": 1.0}, "test"), nan_store,
+                                         base / "missing")
     n_clients = len(partition_by_uploader(FeatureStore(tiny_store).table("train").clips).clients)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_clients,
-                       backend_config=backend_config(one_round), verbose_logging=False)
+    run_in_one_simulation(list(runs.values()), n_clients, one_round)
     return runs
 
 
