@@ -110,7 +110,9 @@ def run_deploy_bench(workdir: Path, quick: bool = False, out_json: Path | None =
     ``workdir/deploy.json``)."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    takes, channels, timeout = (3, 8, 20) if quick else (5, 32, 60)
+    # a round takes 15-20 s on two cores (Flower starts a ClientApp process per message); the round timeout leaves
+    # twice that before a late node counts as failed
+    takes, channels, timeout = (3, 8, 40) if quick else (5, 32, 60)
     profiles = [_profile(workdir / f"laptop-{u}", u, takes) if not (workdir / f"laptop-{u}" / "profile").exists()
                 else workdir / f"laptop-{u}" / "profile" for u in range(NODES + 1)]
     initial = _initial_model(workdir / "initial.pt", channels)
