@@ -1,11 +1,11 @@
 """Federated training through Flower's Simulation Engine (Ray) on the tiny synthetic store.
 
-Each simulation costs 10-25 s on two cores (Ray start, client actors importing torch), so the module runs four: one
-uninterrupted 2-round run, a 1-round run resumed to 2 rounds (two; it is also the repeat that must equal the
-uninterrupted run bit for bit), and one simulation in which the real round loop (``run_federated``) runs one round
-of each of the nine strategies in turn, then one round over a store in which one client's data raise and another's
-give NaN weights. The resume runs use FedAvgM, whose server momentum and current weights must survive the checkpoint
-for resume to be exact.
+Each simulation costs 10-25 s on two cores (Ray start, client actors importing torch), so the module runs three: one
+uninterrupted 2-round run; one in which the real round loop (``run_federated``) runs one round of each of the nine
+strategies in turn, then one round over a store in which one client's data raise and another's give NaN weights, then
+the first round of a run; and ``simulate`` resuming that run to 2 rounds (it is also the repeat that must equal the
+uninterrupted run bit for bit). The resume runs use FedAvgM, whose server momentum and current weights must survive
+the checkpoint for resume to be exact.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from fl.model_io import load_model
 from fl.partition import PartitionPlan, build_partition
 from fl.rundir import RunDir
 from fl.runtime import configure_environment
-from fl.store import FeatureStore
+from fl.store import FeatureStore, with_store_frontend
 from fl.train import new_model, train_epochs
 from server.strategy import build_strategy, restore_strategy_state, sample_partitions
 
@@ -77,11 +77,10 @@ def uninterrupted(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest
 
 
 @pytest.fixture(scope="module")
-def resumed(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """1 round, a stray record as a run killed after writing metrics but before its checkpoint, then resume."""
-    out = tmp_path_factory.mktemp("resumed") / "run"
-    first = sim_config.federated
-    run_sim(tiny_store, replace(sim_config, federated=replace(first, rounds=1)), out)
+def resumed(tiny_store: Path, sim_config: Config, strategy_runs: dict) -> dict:
+    """A 1-round run (in the shared simulation below), a stray record as a run killed after writing metrics but
+    before its checkpoint, then resumed to 2 rounds by ``simulate``."""
+    out = strategy_runs["first_round"]
     after_one = RunDir(out).records()
     RunDir(out).append({"round": 2, "mAP": -1.0})
     run_sim(tiny_store, sim_config, out, resume=True)
@@ -154,8 +153,8 @@ def test_failing_and_nan_clients_do_not_stop_the_round(strategy_runs: dict) -> N
 
 @pytest.fixture(scope="module")
 def strategy_runs(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Run ``run_federated`` for one round of each strategy (three clients per round), then one round of every
-    client over the faulty store, inside one simulation."""
+    """Run ``run_federated`` for one round of each strategy (three clients per round), one round of every client
+    over the faulty store, and the first round of the run :func:`resumed` resumes, inside one simulation."""
     base = tmp_path_factory.mktemp("strategies")
     config = apply_flat(sim_config, {"federated.rounds": 1, "federated.fraction": 0.1, "federated.min-clients": 3,
                                      "federated.proximal-mu": 1.0, "train.batch-size": 4}, "test")
@@ -170,9 +169,12 @@ def strategy_runs(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest
     faulty_store = store_with_faults(tiny_store, base / "faulty-store.h5", NAN_PARTITION, BROKEN_PARTITION)
     faulty = RunSettings(replace(sim_config, federated=replace(sim_config.federated, rounds=1, fraction=1.0)),
                          faulty_store, base / "faulty")
-    run_in_one_simulation([*runs.values(), faulty], PartitionPlan.load(plan_path).n_clients, config)
+    one_round = replace(sim_config, federated=replace(sim_config.federated, rounds=1))
+    first_round = RunSettings(with_store_frontend(one_round, FeatureStore(tiny_store)), tiny_store, base / "resumed")
+    build_partition(tiny_store, sim_config, first_round.plan)
+    run_in_one_simulation([*runs.values(), faulty, first_round], PartitionPlan.load(plan_path).n_clients, config)
     return {"config": config, "plan": PartitionPlan.load(plan_path), "outs": {k: s.out for k, s in runs.items()},
-            "faulty": faulty.out}
+            "faulty": faulty.out, "first_round": first_round.out}
 
 
 @pytest.mark.slow
