@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,8 @@ log = logging.getLogger("fedsound")
 
 
 def configure_environment(workdir: Path) -> None:
-    """Keep Flower and Ray out of the home folder and turn Flower's telemetry and auto-installs off.
+    """Keep Flower and Ray out of the home folder, turn Flower's telemetry and auto-installs off, and keep Ray from
+    showing actors without a GPU the GPUs.
 
     Ray's socket paths must stay under ~100 characters, so its temporary folder is the workdir's ``ray``
     folder when that path is short, else a per-user folder in the system temp dir.
@@ -35,6 +37,10 @@ def configure_environment(workdir: Path) -> None:
     # Ray's C++ failure signal handler takes SIGTERM as a crash: it dumps a stack and tears the driver's Ray
     # connection down before Python's handler can stop the command cleanly. Set to 0 to keep it.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    # A client actor given no GPU (federated.client-gpus = 0) must see none, or "auto" would put every actor on
+    # the one GPU: keep Ray's override of CUDA_VISIBLE_DEVICES, which it announces it will drop by default.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
 
 
 def configure_logging(verbosity: int) -> None:

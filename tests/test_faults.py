@@ -171,6 +171,7 @@ def test_sigterm_stops_a_simulation_and_leaves_it_resumable(tiny_store: Path, tm
     finally:
         process.kill()
     assert process.returncode == 128 + signal.SIGTERM and "terminated" in stderr and "Traceback" not in stderr
+    assert "Warning" not in stderr  # -q: nothing but the one line (no tips from Ray)
     assert RunDir(out).load_checkpoint()["round"] >= 1  # intact: --resume continues from it
     with exclusive(out, "run directory"):  # the lock went with the process
         pass
