@@ -639,7 +639,8 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_
 @pytest.mark.parametrize(("lever", "changes"), [
     ("fedavgm", {"federated.strategy": "fedavgm", "federated.server-momentum": 0.9}),
     ("fedadam", {"federated.strategy": "fedadam", "federated.server-lr": 0.01}),
-    ("localsteps", {"train.batch-size": 16, "federated.local-epochs": 4})])
+    ("localsteps", {"train.batch-size": 16, "federated.local-epochs": 4}),
+    ("maxpool", {"model.pooling": "max"})])
 def test_each_federation_lever_is_the_global_models_federation_with_its_one_change(lever, changes):
     """The lever configs BENCHMARKS reports differ from the global model's settings in the keys they name only; they
     set no frontend, so simulate takes the store's (the global model's lea16k)."""
