@@ -171,7 +171,6 @@ def strategy_runs(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest
                          faulty_store, base / "faulty")
     one_round = replace(sim_config, federated=replace(sim_config.federated, rounds=1))
     first_round = RunSettings(with_store_frontend(one_round, FeatureStore(tiny_store)), tiny_store, base / "resumed")
-    build_partition(tiny_store, sim_config, first_round.plan)
     run_in_one_simulation([*runs.values(), faulty, first_round], PartitionPlan.load(plan_path).n_clients, config)
     return {"config": config, "plan": PartitionPlan.load(plan_path), "outs": {k: s.out for k, s in runs.items()},
             "faulty": faulty.out, "first_round": first_round.out}
