@@ -5,7 +5,7 @@ comes from its node config (set by the Simulation Engine or ``flower-supernode -
 the run's partition plan. On a laptop that joined a real federation (``fedsound join``) the node config names the
 owner's ``profile``, which is trained on as patches made on the laptop (:mod:`clients.profile_training`; only
 after the owner opted in); only weights leave it. The settings (epochs, batch size, learning rate, optimizer,
-FedProx mu, the labels) come from the server's train message. In a run with client-side DP
+FedProx mu, the labels, the round's pooling) come from the server's train message. In a run with client-side DP
 clipping the update is clipped here, before it leaves the node (:func:`clip_when_asked`).
 """
 
@@ -23,7 +23,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from clients.profile_training import patch_batches, profile_patches
 from fl.config import Config, apply
-from fl.federation import CONFIG_KEY, UNIFORM_WEIGHT_KEY, open_store
+from fl.federation import CONFIG_KEY, UNIFORM_WEIGHT_KEY, open_store, round_config
 from fl.models import build_model
 from fl.partition import PartitionPlan
 from fl.runtime import pick_device
@@ -55,7 +55,8 @@ def train(msg: Message, context: Context) -> Message:
     store in a simulation, its owner's profile on a laptop that joined (node config ``profile``)."""
     torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
     cfg = msg.content["config"]
-    config = apply(Config(), json.loads(str(cfg[CONFIG_KEY])), "train message")
+    config = round_config(apply(Config(), json.loads(str(cfg[CONFIG_KEY])), "train message"),
+                          int(cfg["server-round"]))
     seed = [config.seed, int(cfg["server-round"]), int(context.node_id) % 2**31]
     started = time.perf_counter()
     if "profile" in context.node_config:

@@ -199,6 +199,10 @@ class FederatedConfig:
     trim_beta: float = 0.2  # FedTrimmedAvg
     num_malicious: int = 0  # Krum
     max_update_norm: float = 1e3  # updates whose L2 distance to the global model exceeds this are rejected
+    # the first this many rounds train with max pooling of the frame logits (model.pooling after them, and in every
+    # evaluation and export): the highest-scoring frame takes a clip's whole gradient, which singles out brief
+    # sounds in the few local steps of a round; 0: model.pooling throughout
+    max_pooling_rounds: int = 0
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     ray_address: str = ""  # "" starts a local Ray; "auto" or host:port joins a cluster
@@ -232,6 +236,8 @@ class FederatedConfig:
         _check(0 <= self.trim_beta < 0.5, "trim-beta", "must be in [0, 0.5)")
         _check(self.num_malicious >= 0, "num-malicious", "must be non-negative")
         _check(self.max_update_norm > 0, "max-update-norm", "must be positive")
+        _check(_is_int(self.max_pooling_rounds) and 0 <= self.max_pooling_rounds <= self.rounds,
+               "max-pooling-rounds", f"must be an integer in [0, rounds], got {self.max_pooling_rounds!r}")
         _check(0 < self.client_cpus <= 64, "client-cpus", "must be in (0, 64]")
         _check(0 <= self.client_gpus <= 8, "client-gpus", "must be in [0, 8]")
         _check(self.supernodes >= 0, "supernodes", "must be non-negative")

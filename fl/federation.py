@@ -13,6 +13,7 @@ from the ``initial`` model file and evaluates on ``store`` when one is given).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -87,6 +88,14 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
                        bool(run_config.get("resume", False)),
                        Path(str(run_config["central"])) if run_config.get("central") else None, federation,
                        Path(str(run_config["initial"])) if run_config.get("initial") else None)
+
+
+def round_config(config: Config, server_round: int) -> Config:
+    """The configuration a client trains with in ``server_round``: ``model.pooling`` is ``"max"`` in the first
+    ``federated.max-pooling-rounds`` rounds, the configured pooling after them."""
+    if server_round > config.federated.max_pooling_rounds:
+        return config
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, pooling="max"))
 
 
 @lru_cache(maxsize=4)

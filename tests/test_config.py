@@ -43,6 +43,7 @@ def test_file_then_flags_override(tmp_path: Path) -> None:
         ("[train]\nepochs = 'ten'\n", "train.epochs: expected an integer"),
         ("[train]\nepochs = 0\n", "train.epochs: must be at least 1"),
         ("[federated]\nfraction = 1.5\n", "federated.fraction: must be in (0, 1]"),
+        ("[federated]\nrounds = 5\nmax-pooling-rounds = 6\n", "federated.max-pooling-rounds: must be an integer in"),
         ("[frontend]\nscale = 'db'\n", "frontend.scale: must be 'log' or 'linear'"),
         ("[model]\ndilations = [1, 0]\n", "model.dilations"),
         ("[nonsense]\nx = 1\n", "nonsense: unknown key"),

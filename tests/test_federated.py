@@ -2,10 +2,10 @@
 
 Each simulation costs 10-25 s on two cores (Ray start, client actors importing torch), so the module runs three: one
 uninterrupted 2-round run; one in which the real round loop (``run_federated``) runs one round of each of the nine
-strategies in turn, then one round over a store in which one client's data raise and another's give NaN weights, then
-the first round of a run; and ``simulate`` resuming that run to 2 rounds (it is also the repeat that must equal the
-uninterrupted run bit for bit). The resume runs use FedAvgM, whose server momentum and current weights must survive
-the checkpoint for resume to be exact.
+strategies in turn and one of FedAvg within ``max-pooling-rounds``, then one round over a store in which one
+client's data raise and another's give NaN weights, then the first round of a run; and ``simulate`` resuming that
+run to 2 rounds (it is also the repeat that must equal the uninterrupted run bit for bit). The resume runs use
+FedAvgM, whose server momentum and current weights must survive the checkpoint for resume to be exact.
 """
 
 from __future__ import annotations
@@ -166,6 +166,10 @@ def strategy_runs(tiny_store: Path, sim_config: Config, tmp_path_factory: pytest
         shutil.copy(plan_path, out / "partition.json")
         runs[name] = RunSettings(replace(config, federated=replace(config.federated, strategy=name)),
                                  tiny_store, out)
+    warmup = apply_flat(config, {"federated.strategy": "fedavg", "federated.max-pooling-rounds": 1}, "test")
+    runs["max-pooling"] = RunSettings(warmup, tiny_store, base / "max-pooling")
+    runs["max-pooling"].out.mkdir()
+    shutil.copy(plan_path, runs["max-pooling"].out / "partition.json")
     faulty_store = store_with_faults(tiny_store, base / "faulty-store.h5", NAN_PARTITION, BROKEN_PARTITION)
     faulty = RunSettings(replace(sim_config, federated=replace(sim_config.federated, rounds=1, fraction=1.0)),
                          faulty_store, base / "faulty")
@@ -206,9 +210,12 @@ def plain_arrays(value: ArrayRecord | dict | list) -> list[np.ndarray]:
     return [np.asarray(v) for v in (value.values() if isinstance(value, dict) else value)]
 
 
-def replay_clients(strategy_runs: dict, store_path: Path, sampled: list[int]) -> tuple[list, np.ndarray]:
-    """The sampled clients' round-1 updates recomputed in this process (same seeds, one thread)."""
+def replay_clients(strategy_runs: dict, store_path: Path, sampled: list[int],
+                   pooling: str = "lse") -> tuple[list, np.ndarray]:
+    """The sampled clients' round-1 updates recomputed in this process (same seeds, one thread), training with
+    ``pooling``."""
     config, plan = strategy_runs["config"], strategy_runs["plan"]
+    config = replace(config, model=replace(config.model, pooling=pooling))
     store = FeatureStore(store_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -247,6 +254,22 @@ def test_aggregation_matches_the_strategies_definitions(strategy_runs: dict, tin
     assert min(distances) <= 1e-5
     fedprox = model_state(outs["fedprox"])
     assert any((fedprox[k].double() - weighted[k]).abs().max() > 1e-6 for k in keys)
+
+
+@pytest.mark.slow
+def test_max_pooling_rounds_train_with_max_pooling_and_evaluate_with_the_models(strategy_runs: dict,
+                                                                                  tiny_store: Path) -> None:
+    """In a round within ``federated.max-pooling-rounds`` the clients train with max pooling (the FedAvg of
+    max-pooled updates, not of the configured log-mean-exp ones); the saved model keeps ``model.pooling``."""
+    out = strategy_runs["outs"]["max-pooling"]
+    (record,) = RunDir(out).records()
+    assert record["clients_sampled"] == RunDir(strategy_runs["outs"]["fedavg"]).records()[0]["clients_sampled"]
+    updates, sizes = replay_clients(strategy_runs, tiny_store, record["clients_sampled"], pooling="max")
+    weighted = {k: sum(u[k] * (n / sizes.sum()) for u, n in zip(updates, sizes, strict=True)) for k in updates[0]}
+    assert_same_weights(model_state(out), weighted, atol=1e-5)
+    fedavg = model_state(strategy_runs["outs"]["fedavg"])
+    assert any((fedavg[k].double() - weighted[k]).abs().max() > 1e-6 for k in weighted)
+    assert load_model(out / "model.pt")[0].config.pooling == "lse"
 
 
 # --- partitions, update checks, sampling, run config -------------------------------------------------------
