@@ -636,14 +636,19 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_
     assert load_bundle(tmp_path / "shipped").manifest["portable"]["step"] == "step.onnx"
 
 
+LOG_MEAN_EXP = {"federated.rounds": 30, "federated.max-pooling-rounds": 0}  # the global model before max pooling
+
+
 @pytest.mark.parametrize(("lever", "changes"), [
-    ("fedavgm", {"federated.strategy": "fedavgm", "federated.server-momentum": 0.9}),
-    ("fedadam", {"federated.strategy": "fedadam", "federated.server-lr": 0.01}),
-    ("localsteps", {"train.batch-size": 16, "federated.local-epochs": 4}),
-    ("maxpool", {"model.pooling": "max"})])
+    ("logmeanexp", LOG_MEAN_EXP),
+    ("fedavgm", {**LOG_MEAN_EXP, "federated.strategy": "fedavgm", "federated.server-momentum": 0.9}),
+    ("fedadam", {**LOG_MEAN_EXP, "federated.strategy": "fedadam", "federated.server-lr": 0.01}),
+    ("localsteps", {**LOG_MEAN_EXP, "train.batch-size": 16, "federated.local-epochs": 4}),
+    ("maxpool", {**LOG_MEAN_EXP, "model.pooling": "max"})])
 def test_each_federation_lever_is_the_global_models_federation_with_its_one_change(lever, changes):
-    """The lever configs BENCHMARKS reports differ from the global model's settings in the keys they name only; they
-    set no frontend, so simulate takes the store's (the global model's lea16k)."""
+    """The lever configs BENCHMARKS reports differ from the global model's settings in the keys they name only (the
+    global model's federation before max-pooling rounds, and each lever's one change to it); they set no frontend,
+    so simulate takes the store's (the global model's lea16k)."""
     from benchmarks.personalize.global_model import global_config
 
     lever_config = load_config(CONFIG_DIR.parent / "benchmarks" / "personalize" / "federation" / f"{lever}.toml")

@@ -33,17 +33,18 @@ from fl.rundir import RunDir
 from fl.train import evaluate_model_file, train_central
 
 BUNDLE_BACKGROUND_PATCHES = 160  # about 2 MB of float16 patches in the bundle
-FEDERATED = {"partition.by": "uploader", "partition.min-clips": 1, "federated.rounds": 30,
-             "federated.fraction": 0.1, "federated.local-epochs": 2, "train.lr": 2e-3, "train.patience": 0}
-CENTRAL_EPOCHS = 6  # rounds x fraction x local epochs: the passes over the data a federated client makes on average
+FEDERATED = {"partition.by": "uploader", "partition.min-clips": 1, "federated.rounds": 45,
+             "federated.max-pooling-rounds": 30, "federated.fraction": 0.1, "federated.local-epochs": 2,
+             "train.lr": 2e-3, "train.patience": 0}
+CENTRAL_EPOCHS = 9  # rounds x fraction x local epochs: the passes over the data a federated client makes on average
 
 
 def global_config(seed: int, quick: bool) -> Config:
     """The global model's settings: the lea16k frontend and :data:`FEDERATED` (a few rounds with ``quick``)."""
     overrides: dict[str, Any] = {"seed": seed, **FEDERATED, "train.epochs": CENTRAL_EPOCHS}
     if quick:
-        overrides.update({"federated.rounds": 2, "federated.fraction": 0.5, "federated.local-epochs": 1,
-                          "train.epochs": 1, "model.channels": 16})
+        overrides.update({"federated.rounds": 2, "federated.max-pooling-rounds": 1, "federated.fraction": 0.5,
+                          "federated.local-epochs": 1, "train.epochs": 1, "model.channels": 16})
     return load_config(CONFIG_DIR / "features" / "lea16k.toml", overrides=overrides)
 
 
