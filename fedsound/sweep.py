@@ -63,7 +63,7 @@ import pandas as pd
 
 from fedsound.cluster import check_ray_address
 from fl import jsonfile as strict_json
-from fl.config import RUNTIME_KEYS, Config, apply, apply_flat, config_differences, to_dict
+from fl.config import RUNTIME_KEYS, Config, apply, apply_flat, config_differences, recorded_config, to_dict
 from fl.errors import ConfigError, DataError, FedsoundError
 from fl.locks import exclusive
 
@@ -430,7 +430,8 @@ def _check_resume(out: Path, store: Path, config: Config) -> None:
     state = json.loads((out / "sweep.json").read_text())
     if state["store"] != str(store):
         raise ConfigError(f"{out}: the sweep being resumed used the store {state['store']}, not {store}")
-    changed = config_differences(state["config"], to_dict(config), RUNTIME_KEYS)
+    changed = config_differences(recorded_config(state["config"], str(out / "sweep.json")), to_dict(config),
+                                 RUNTIME_KEYS)
     if changed:
         raise ConfigError(f"{out}: the sweep being resumed had another config ({'; '.join(changed)}); "
                           "resume it with the same config")

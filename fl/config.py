@@ -199,9 +199,10 @@ class FederatedConfig:
     trim_beta: float = 0.2  # FedTrimmedAvg
     num_malicious: int = 0  # Krum
     max_update_norm: float = 1e3  # updates whose L2 distance to the global model exceeds this are rejected
-    # the first this many rounds train with max pooling of the frame logits (model.pooling after them, and in every
-    # evaluation and export): the highest-scoring frame takes a clip's whole gradient, which singles out brief
-    # sounds in the few local steps of a round; 0: model.pooling throughout
+    # the first this many rounds train with max pooling of the TCN's frame logits (model.pooling after them, and in
+    # every evaluation and export, so val mAP is low until they end: an ASHA sweep should not stop trials before);
+    # the highest-scoring frame takes a patch's whole gradient, which singles out brief sounds in the few local
+    # steps of a round; 0: model.pooling throughout, rounds or more: every round
     max_pooling_rounds: int = 0
     client_cpus: float = 1.0
     client_gpus: float = 0.0
@@ -236,8 +237,8 @@ class FederatedConfig:
         _check(0 <= self.trim_beta < 0.5, "trim-beta", "must be in [0, 0.5)")
         _check(self.num_malicious >= 0, "num-malicious", "must be non-negative")
         _check(self.max_update_norm > 0, "max-update-norm", "must be positive")
-        _check(_is_int(self.max_pooling_rounds) and 0 <= self.max_pooling_rounds <= self.rounds,
-               "max-pooling-rounds", f"must be an integer in [0, rounds], got {self.max_pooling_rounds!r}")
+        _check(_is_int(self.max_pooling_rounds) and self.max_pooling_rounds >= 0, "max-pooling-rounds",
+               f"must be a non-negative integer, got {self.max_pooling_rounds!r}")
         _check(0 < self.client_cpus <= 64, "client-cpus", "must be in (0, 64]")
         _check(0 <= self.client_gpus <= 8, "client-gpus", "must be in [0, 8]")
         _check(self.supernodes >= 0, "supernodes", "must be non-negative")
@@ -426,6 +427,8 @@ class Config:
         _check(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
         _check(self.federated.dp == "off" or self.model.name == "tcn", "federated.dp",
                "needs the TCN (clipping and noise apply to float weights; the VGG-like model has counters)")
+        _check(self.federated.max_pooling_rounds == 0 or self.model.name == "tcn", "federated.max-pooling-rounds",
+               "needs the TCN (the VGG-like model pools with its own global pooling)")
 
 
 def _kebab(name: str) -> str:
@@ -580,6 +583,12 @@ RUNTIME_KEYS = ("train.device", "train.num-workers", "federated.ray-address", "f
                 "federated.client-cpus", "federated.client-gpus", "sweep.max-concurrent")
 # Keys that say how long a run goes on: a resumed run may be extended (or stop earlier).
 LENGTH_KEYS = ("train.epochs", "federated.rounds")
+
+
+def recorded_config(saved: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """A configuration recorded by a run (a :func:`to_dict` of it), resolved again over today's defaults: a key
+    the record lacks counts as its default value."""
+    return to_dict(apply(Config(), saved, source))
 
 
 def config_differences(saved: Mapping[str, Any], given: Mapping[str, Any], ignore: Sequence[str] = (),

@@ -4,7 +4,7 @@ A run's settings reach the ServerApp either from ``fedsound simulate`` (the ``FE
 variable names the run's ``settings.json``) or from ``flwr run .`` (``context.run_config``: the same dotted
 kebab-case keys as our TOML files, plus ``store``, ``out`` and, for a federation of laptops, ``federation =
 "profiles"`` and ``initial``). The server forwards the resolved configuration to every client inside each train
-message, so one key means one thing on every path.
+message, so one key means one thing on every path; a client trains with that round's (:func:`round_config`).
 
 Two kinds of federation: ``store`` (simulations: each node holds a partition of one feature store) and
 ``profiles`` (real laptops joined with ``fedsound join``: each node trains on its own profile; the server starts

@@ -15,7 +15,15 @@ from typing import Any
 import torch
 
 from fl import jsonfile
-from fl.config import LENGTH_KEYS, RUNTIME_KEYS, Config, config_differences, to_dict, write_resolved
+from fl.config import (
+    LENGTH_KEYS,
+    RUNTIME_KEYS,
+    Config,
+    config_differences,
+    recorded_config,
+    to_dict,
+    write_resolved,
+)
 from fl.errors import ConfigError, DataError
 from fl.model_io import read_archive
 
@@ -46,7 +54,8 @@ class RunDir:
                     recorded = json.loads(saved.read_text())
                 except (OSError, ValueError) as exc:
                     raise DataError(f"{saved}: unreadable ({exc}); resume with --allow-config-change") from None
-                changed = config_differences(recorded, to_dict(config), RUNTIME_KEYS + LENGTH_KEYS)
+                changed = config_differences(recorded_config(recorded, str(saved)), to_dict(config),
+                                             RUNTIME_KEYS + LENGTH_KEYS)
                 if changed:
                     raise ConfigError(f"{self.path}: the run being resumed had another config ({'; '.join(changed)})"
                                       "; resume with the same settings, or pass --allow-config-change")

@@ -276,6 +276,18 @@ def test_resume_refuses_a_changed_config_naming_the_keys(tiny_store, tiny_config
     assert json.loads((one_epoch_run / "config.json").read_text())["train"]["lr"] == 1e-2
 
 
+def test_resume_takes_a_key_the_recorded_config_lacks_as_its_default(tiny_store, tiny_config, one_epoch_run) -> None:
+    """A run recorded before a key existed resumes with that key at its default, and not with another value."""
+    saved = one_epoch_run / "config.json"
+    recorded = json.loads(saved.read_text())
+    del recorded["federated"]["max-pooling-rounds"]
+    saved.write_text(json.dumps(recorded))
+    with pytest.raises(ConfigError, match=r"federated.max-pooling-rounds: 0 -> 5"):
+        train_central(tiny_store, apply_flat(tiny_config, {"train.epochs": 2, "federated.max-pooling-rounds": 5},
+                                             "test"), one_epoch_run, resume=True, progress=False)
+    RunDir(one_epoch_run).start(apply_flat(tiny_config, {"train.epochs": 2}, "test"), resume=True)  # no error
+
+
 def test_resume_verifies_the_checkpoint(tiny_store, tiny_config, one_epoch_run) -> None:
     checkpoint = one_epoch_run / "checkpoint.pt"
     good = checkpoint.read_bytes()

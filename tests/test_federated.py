@@ -26,13 +26,13 @@ from fedsound.cli import main as cli_main
 from fedsound.simulate import simulate
 from fl.config import STRATEGIES, Config, apply_flat
 from fl.errors import ConfigError
-from fl.federation import RUN_ENV, RunSettings, settings_from_run_config, update_problem
+from fl.federation import RUN_ENV, RunSettings, round_config, settings_from_run_config, update_problem
 from fl.model_io import load_model
 from fl.partition import PartitionPlan, build_partition
 from fl.rundir import RunDir
 from fl.runtime import configure_environment
 from fl.store import FeatureStore, with_store_frontend
-from fl.train import new_model, train_epochs
+from fl.train import evaluate, new_model, train_epochs
 from server.strategy import build_strategy, restore_strategy_state, sample_partitions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -260,7 +260,8 @@ def test_aggregation_matches_the_strategies_definitions(strategy_runs: dict, tin
 def test_max_pooling_rounds_train_with_max_pooling_and_evaluate_with_the_models(strategy_runs: dict,
                                                                                   tiny_store: Path) -> None:
     """In a round within ``federated.max-pooling-rounds`` the clients train with max pooling (the FedAvg of
-    max-pooled updates, not of the configured log-mean-exp ones); the saved model keeps ``model.pooling``."""
+    max-pooled updates, not of the configured log-mean-exp ones); the saved model keeps ``model.pooling``, and the
+    round's val mAP is that model's."""
     out = strategy_runs["outs"]["max-pooling"]
     (record,) = RunDir(out).records()
     assert record["clients_sampled"] == RunDir(strategy_runs["outs"]["fedavg"]).records()[0]["clients_sampled"]
@@ -269,7 +270,9 @@ def test_max_pooling_rounds_train_with_max_pooling_and_evaluate_with_the_models(
     assert_same_weights(model_state(out), weighted, atol=1e-5)
     fedavg = model_state(strategy_runs["outs"]["fedavg"])
     assert any((fedavg[k].double() - weighted[k]).abs().max() > 1e-6 for k in weighted)
-    assert load_model(out / "model.pt")[0].config.pooling == "lse"
+    model = load_model(out / "model.pt")[0]
+    assert model.config.pooling == "lse"
+    assert record["mAP"] == pytest.approx(evaluate(model, FeatureStore(tiny_store), "val", torch.device("cpu"))["mAP"])
 
 
 # --- partitions, update checks, sampling, run config -------------------------------------------------------
@@ -325,6 +328,14 @@ def test_update_norm_is_the_distance_to_the_global_model() -> None:
     update["w"] = update["w"] + 0.5  # 6 entries: distance sqrt(6 * 0.25) = 1.2247
     assert update_problem(global_arrays(), update, max_norm=1.23) is None
     assert "1.22" in update_problem(global_arrays(), update, max_norm=1.2)
+
+
+def test_round_config_pools_by_the_maximum_in_the_first_rounds_only(tiny_config: Config) -> None:
+    config = apply_flat(tiny_config, {"federated.max-pooling-rounds": 2, "federated.rounds": 4}, "test")
+    assert [round_config(config, r).model.pooling for r in (1, 2, 3, 4)] == ["max", "max", "lse", "lse"]
+    assert replace(round_config(config, 1), model=config.model) == config  # nothing else changes
+    assert round_config(replace(config, federated=replace(config.federated, max_pooling_rounds=0)), 1).model == \
+        config.model
 
 
 def test_sample_partitions_is_a_function_of_seed_and_round() -> None:

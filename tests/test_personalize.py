@@ -634,9 +634,16 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_
     assert f"eval AP per class        {labels[0]} " in capsys.readouterr().out
     assert load_bundle(tmp_path / "shipped").manifest["manifest_sha256"] == shipped["manifest_sha256"]
     assert load_bundle(tmp_path / "shipped").manifest["portable"]["step"] == "step.onnx"
+    # a central run left from another recipe is refused, not reported as this one's
+    saved_config = built / "central-run" / "config.json"
+    recorded = json.loads(saved_config.read_text())
+    recorded["train"]["epochs"] += 1
+    saved_config.write_text(json.dumps(recorded))
+    with pytest.raises(ConfigError, match=r"central-run: trained with other settings \(train.epochs: 2 -> 1\)"):
+        global_model.build_global_model(built, quick=True, progress=False, central=True)
 
 
-LOG_MEAN_EXP = {"federated.rounds": 30, "federated.max-pooling-rounds": 0}  # the global model before max pooling
+LOG_MEAN_EXP = {"federated.rounds": 30, "federated.max-pooling-rounds": 0}  # log-mean-exp pooling throughout
 
 
 @pytest.mark.parametrize(("lever", "changes"), [
@@ -646,9 +653,9 @@ LOG_MEAN_EXP = {"federated.rounds": 30, "federated.max-pooling-rounds": 0}  # th
     ("localsteps", {**LOG_MEAN_EXP, "train.batch-size": 16, "federated.local-epochs": 4}),
     ("maxpool", {**LOG_MEAN_EXP, "model.pooling": "max"})])
 def test_each_federation_lever_is_the_global_models_federation_with_its_one_change(lever, changes):
-    """The lever configs BENCHMARKS reports differ from the global model's settings in the keys they name only (the
-    global model's federation before max-pooling rounds, and each lever's one change to it); they set no frontend,
-    so simulate takes the store's (the global model's lea16k)."""
+    """The lever configs BENCHMARKS reports differ from the global model's settings in the keys they name only (its
+    federation with log-mean-exp pooling throughout, and each lever's one change to that); they set no frontend, so
+    simulate takes the store's (the global model's lea16k)."""
     from benchmarks.personalize.global_model import global_config
 
     lever_config = load_config(CONFIG_DIR.parent / "benchmarks" / "personalize" / "federation" / f"{lever}.toml")

@@ -13,11 +13,13 @@ What every personal detector starts from, and the bundle fedsound ships (``clien
 4. ``export`` of the federated model with background patches of the train voices (the mouth sounds excluded):
    ``WORKDIR/global-bundle``; ``--ship`` copies it into the package and prints its manifest's SHA-256.
 
-Each step is skipped when its output exists, and the federated run resumes where it stopped.
+Each step is skipped when its output exists, and the federated run resumes where it stopped; a run directory
+trained with other settings is refused, not reused.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -28,7 +30,17 @@ from clients.detector.bundle import SHIPPED_BUNDLE, export_bundle, load_bundle
 from data_prep.mouth_corpus import BACKGROUND_CLIPS, TAKES_PER_SOUND, VOICES, synthesize_mouth_corpus
 from data_prep.mouth_sounds import SOUNDS
 from fedsound.simulate import simulate
-from fl.config import CONFIG_DIR, Config, load_config, to_dict
+from fl.config import (
+    CONFIG_DIR,
+    LENGTH_KEYS,
+    RUNTIME_KEYS,
+    Config,
+    config_differences,
+    load_config,
+    recorded_config,
+    to_dict,
+)
+from fl.errors import ConfigError
 from fl.rundir import RunDir
 from fl.train import evaluate_model_file, train_central
 
@@ -69,8 +81,19 @@ def build_store(workdir: Path, config: Config, quick: bool, real_audio: Path | N
     return store
 
 
+def _check_reused(run: Path, config: Config, ignore: tuple[str, ...]) -> None:
+    """Refuse to reuse a run directory trained with other settings (a workdir left from another recipe)."""
+    saved = run / "config.json"
+    if saved.is_file():
+        changed = config_differences(recorded_config(json.loads(saved.read_text()), str(saved)), to_dict(config),
+                                     RUNTIME_KEYS + ignore)
+        if changed:
+            raise ConfigError(f"{run}: trained with other settings ({'; '.join(changed)}); delete it to rebuild")
+
+
 def _federated(store: Path, config: Config, run: Path, progress: bool) -> Path:
     """The federated run's model, running or resuming it unless it finished."""
+    _check_reused(run, config, LENGTH_KEYS)
     records = RunDir(run).records() if run.is_dir() else []
     if not (records and records[-1]["round"] >= config.federated.rounds and (run / "model.pt").is_file()):
         simulate(store, config, run, resume=bool(records), progress=progress)
@@ -92,7 +115,9 @@ def build_global_model(workdir: Path, quick: bool = False, out_json: Path | None
     figures: dict[str, Any] = {"federated_eval_mAP": federated["mAP"], "federated_eval_ap": federated["per_class_ap"]}
     if central:
         central_run = workdir / "central-run"
-        if not (central_run / "model.pt").is_file():
+        if (central_run / "model.pt").is_file():
+            _check_reused(central_run, config, ())
+        else:
             shutil.rmtree(central_run, ignore_errors=True)
             train_central(store, config, central_run, progress=progress)
         central_figures = evaluate_model_file(central_run / "model.pt", store, "eval", progress)
@@ -108,7 +133,7 @@ def build_global_model(workdir: Path, quick: bool = False, out_json: Path | None
     report = {"machine": machine_info(), "quick": quick, "seed": seed, "sizes": _sizes(quick),
               "real_audio": str(real_audio) if real_audio else None, "settings": to_dict(config),
               "seconds": time.perf_counter() - started, "bundle": str(bundle), "manifest_sha256": sha,
-              "shipped": str(SHIPPED_BUNDLE) if ship else None, **figures}
+              "shipped": str(SHIPPED_BUNDLE.relative_to(SHIPPED_BUNDLE.parents[2])) if ship else None, **figures}
     print(format_report(report))
     write_json(Path(out_json) if out_json else workdir / "global.json", report)
     return report
