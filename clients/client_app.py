@@ -55,9 +55,9 @@ def train(msg: Message, context: Context) -> Message:
     store in a simulation, its owner's profile on a laptop that joined (node config ``profile``)."""
     torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
     cfg = msg.content["config"]
-    config = round_config(apply(Config(), json.loads(str(cfg[CONFIG_KEY])), "train message"),
-                          int(cfg["server-round"]))
-    seed = [config.seed, int(cfg["server-round"]), int(context.node_id) % 2**31]
+    server_round = int(cfg["server-round"])
+    config = round_config(apply(Config(), json.loads(str(cfg[CONFIG_KEY])), "train message"), server_round)
+    seed = [config.seed, server_round, int(context.node_id) % 2**31]
     started = time.perf_counter()
     if "profile" in context.node_config:
         labels = json.loads(str(cfg["labels"]))

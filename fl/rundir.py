@@ -48,14 +48,9 @@ class RunDir:
             if not self.checkpoint_path.exists():
                 raise DataError(f"{self.path}: nothing to resume (no checkpoint.pt)")
             self.load_checkpoint()
-            saved = self.path / "config.json"
-            if saved.exists() and not allow_config_change:
-                try:
-                    recorded = json.loads(saved.read_text())
-                except (OSError, ValueError) as exc:
-                    raise DataError(f"{saved}: unreadable ({exc}); resume with --allow-config-change") from None
-                changed = config_differences(recorded_config(recorded, str(saved)), to_dict(config),
-                                             RUNTIME_KEYS + LENGTH_KEYS)
+            if not allow_config_change:
+                changed = self.config_changes(config, RUNTIME_KEYS + LENGTH_KEYS,
+                                              unreadable_hint="; resume with --allow-config-change")
                 if changed:
                     raise ConfigError(f"{self.path}: the run being resumed had another config ({'; '.join(changed)})"
                                       "; resume with the same settings, or pass --allow-config-change")
@@ -64,6 +59,18 @@ class RunDir:
             raise DataError(f"{self.path}: a run is already here; use --resume or another --out")
         self.path.mkdir(parents=True, exist_ok=True)
         self.record_config(config)
+
+    def config_changes(self, config: Config, ignore: tuple[str, ...], unreadable_hint: str = "") -> list[str]:
+        """The keys (``"key: old -> new"``) in which ``config`` differs from the recorded ``config.json``, leaving
+        out ``ignore``; a key the record lacks counts as its default; none when nothing is recorded."""
+        saved = self.path / "config.json"
+        if not saved.exists():
+            return []
+        try:
+            recorded = json.loads(saved.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{saved}: unreadable ({exc}){unreadable_hint}") from None
+        return config_differences(recorded_config(recorded, str(saved)), to_dict(config), ignore)
 
     def record_config(self, config: Config) -> None:
         """Write the resolved configuration (``config.json``)."""

@@ -19,7 +19,6 @@ trained with other settings is refused, not reused.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -30,16 +29,7 @@ from clients.detector.bundle import SHIPPED_BUNDLE, export_bundle, load_bundle
 from data_prep.mouth_corpus import BACKGROUND_CLIPS, TAKES_PER_SOUND, VOICES, synthesize_mouth_corpus
 from data_prep.mouth_sounds import SOUNDS
 from fedsound.simulate import simulate
-from fl.config import (
-    CONFIG_DIR,
-    LENGTH_KEYS,
-    RUNTIME_KEYS,
-    Config,
-    config_differences,
-    load_config,
-    recorded_config,
-    to_dict,
-)
+from fl.config import CONFIG_DIR, LENGTH_KEYS, RUNTIME_KEYS, Config, load_config, to_dict
 from fl.errors import ConfigError
 from fl.rundir import RunDir
 from fl.train import evaluate_model_file, train_central
@@ -83,12 +73,9 @@ def build_store(workdir: Path, config: Config, quick: bool, real_audio: Path | N
 
 def _check_reused(run: Path, config: Config, ignore: tuple[str, ...]) -> None:
     """Refuse to reuse a run directory trained with other settings (a workdir left from another recipe)."""
-    saved = run / "config.json"
-    if saved.is_file():
-        changed = config_differences(recorded_config(json.loads(saved.read_text()), str(saved)), to_dict(config),
-                                     RUNTIME_KEYS + ignore)
-        if changed:
-            raise ConfigError(f"{run}: trained with other settings ({'; '.join(changed)}); delete it to rebuild")
+    changed = RunDir(run).config_changes(config, RUNTIME_KEYS + ignore)
+    if changed:
+        raise ConfigError(f"{run}: trained with other settings ({'; '.join(changed)}); delete it to rebuild")
 
 
 def _federated(store: Path, config: Config, run: Path, progress: bool) -> Path:
