@@ -1,17 +1,19 @@
 """Real recordings of people and music from Debian packages, split by speaker between training, tuning and test.
 
 The mouth-sound detector must stay silent on the speech and music around a user. Synthesis alone does not say
-whether it will: :data:`PACKAGES` are Debian packages of recorded telephone prompts (each one speaker) and of
-music (each track one piece), 8 kHz mono. Their split is fixed here, before any tuning, and keeps every speaker in
-one split (packages of one language share a split, in case two of them share a voice):
+whether it will: :data:`PACKAGES` are Debian packages of recorded telephone prompts (each one speaker, 8 kHz) and
+of music (each track one piece: telephone music on hold, and two games' soundtracks). Their split is fixed here,
+before any tuning, and keeps every speaker in one split (packages of one language share a split, in case two of
+them share a voice) and every piece of music in one split (a soundtrack, one composer, in one split):
 
 - ``train``: the background class of the global mouth-sound model (:mod:`data_prep.mouth_corpus`);
 - ``tune``: what benchmark settings may be chosen on;
 - ``test``: the aggressor audio whose false triggers the personalization benchmark reports.
 
 ``fedsound data real-audio OUT`` fetches the packages with ``apt-get download`` (no root needed), unpacks each
-with ``dpkg-deb -x`` and writes its prompts as 16-bit WAV under ``OUT/SPLIT/PACKAGE/`` with ``OUT/PACKAGE.json``
-(files and seconds; the few empty or unreadable prompts some packages hold are listed there as skipped), then
+with ``dpkg-deb -x`` and writes its recordings as 16-bit mono WAV of at most :data:`MAX_RATE` Hz (peak at most 1)
+under ``OUT/SPLIT/PACKAGE/`` with ``OUT/PACKAGE.json`` (files and seconds; the few empty or unreadable prompts some
+packages hold are listed there as skipped; a symbolic link, another name for a recording, is not read), then
 ``OUT/manifest.json``. A package whose JSON exists is skipped, so an interrupted fetch resumes; ``--debs DIR``
 takes already-downloaded ``.deb`` files instead. :class:`RealAudio` reads the result.
 """
@@ -39,7 +41,8 @@ from fl.jsonfile import write_json_atomic
 SPLITS = ("train", "tune", "test")
 KINDS = ("speech", "music")
 MANIFEST = "manifest.json"
-AUDIO_SUFFIXES = (".wav", ".gsm")
+AUDIO_SUFFIXES = (".wav", ".gsm", ".ogg", ".mp3")
+MAX_RATE = 16000  # the detector's rate: recordings above it are resampled to it
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,9 @@ PACKAGES: dict[str, Package] = {
     "asterisk-prompt-es-co": Package("speech", "test"),
     "asterisk-moh-opsound-wav": Package("music", tracks={
         "macroform-robot_dity": "train", "macroform-cold_day": "train", "macroform-the_simplicity": "train",
-        "reno_project-system": "tune", "manolo_camp-morning_coffee": "test"}),
+        "reno_project-system": "tune", "manolo_camp-morning_coffee": "tune"}),
+    "asc-music": Package("music", "tune"),  # three tracks, 18 minutes
+    "drascula-music": Package("music", "test"),  # 31 tracks, 47 minutes
 }
 
 
@@ -108,7 +113,8 @@ def _fetch_package(name: str, package: Package, out: Path, debs: Path) -> dict:
     skipped: list[dict] = []
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         _run(["dpkg-deb", "-x", str(deb), tmp], name)
-        sources = sorted(p for p in Path(tmp).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+        sources = sorted(p for p in Path(tmp).rglob("*")
+                         if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file() and not p.is_symlink())
         for source in sources:
             split = package.split_of(source.stem)
             if split is None:
@@ -121,8 +127,12 @@ def _fetch_package(name: str, package: Package, out: Path, debs: Path) -> dict:
             relative = Path(split) / name / source.relative_to(tmp).with_suffix(".wav")
             target = out / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(target, to_mono(wave), rate, subtype="PCM_16")
-            files.append({"path": str(relative), "split": split, "seconds": len(wave) / rate, "rate": rate})
+            mono = to_mono(wave)
+            if rate > MAX_RATE:
+                mono, rate = resample(mono, rate, MAX_RATE), MAX_RATE
+            peak = float(np.max(np.abs(mono)))
+            sf.write(target, mono / peak if peak > 1.0 else mono, rate, subtype="PCM_16")
+            files.append({"path": str(relative), "split": split, "seconds": len(mono) / rate, "rate": rate})
     if not files:
         raise DataError(f"{deb}: holds no recordings ({', '.join(AUDIO_SUFFIXES)} files)")
     return {"package": name, "kind": package.kind, "deb": deb.name,

@@ -24,7 +24,9 @@ PACKAGES = {
     "fake-speech-en": Package("speech", "train"),
     "fake-speech-es": Package("speech", "test"),
     "fake-music": Package("music", tracks={"song-a": "train", "song-b": "test"}),
+    "fake-soundtrack": Package("music", "tune"),
 }
+SOUNDTRACK_RATE = 44100
 
 
 def _tone(freq: float, seconds: float) -> np.ndarray:
@@ -32,8 +34,9 @@ def _tone(freq: float, seconds: float) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
-def _deb(folder: Path, name: str, files: dict[str, np.ndarray | bytes]) -> Path:
-    """A .deb named ``NAME_1.0_all.deb`` holding ``files`` (path -> samples, or raw bytes) under usr/share."""
+def _deb(folder: Path, name: str, files: dict[str, np.ndarray | bytes | Path]) -> Path:
+    """A .deb named ``NAME_1.0_all.deb`` holding ``files`` under usr/share: path -> samples (8 kHz; an .ogg
+    file stereo at 44.1 kHz, a .wav of samples beyond 1 as float), raw bytes, or a Path: a symbolic link to it."""
     root = folder / f"{name}-root"
     (root / "DEBIAN").mkdir(parents=True)
     (root / "DEBIAN" / "control").write_text(f"Package: {name}\nVersion: 1.0\nArchitecture: all\n"
@@ -41,8 +44,14 @@ def _deb(folder: Path, name: str, files: dict[str, np.ndarray | bytes]) -> Path:
     for relative, content in files.items():
         path = root / "usr" / "share" / "asterisk" / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
+        if isinstance(content, Path):
+            path.symlink_to(content)
+        elif isinstance(content, bytes):
             path.write_bytes(content)
+        elif path.suffix == ".ogg":
+            sf.write(path, np.stack([content, content], axis=1), SOUNDTRACK_RATE, format="OGG", subtype="VORBIS")
+        elif np.abs(content).max() > 1.0:
+            sf.write(path, content, RATE, subtype="FLOAT")
         elif path.suffix == ".gsm":
             sf.write(path, content, RATE, format="RAW", subtype="GSM610")
         else:
@@ -62,6 +71,9 @@ def debs(tmp_path_factory) -> Path:
     _deb(folder, "fake-speech-es", {"sounds/es/hola.wav": _tone(500, 1.2)})
     _deb(folder, "fake-music", {"moh/song-a.wav": _tone(200, 3.0), "moh/song-b.wav": _tone(600, 2.0),
                                 "moh/song-c.wav": _tone(700, 1.0)})
+    theme = np.sin(2 * np.pi * 440 * np.arange(2 * SOUNDTRACK_RATE) / SOUNDTRACK_RATE).astype(np.float32) * 0.5
+    _deb(folder, "fake-soundtrack", {"music/theme.ogg": theme, "music/de/theme.ogg": Path("../theme.ogg"),
+                                     "music/loud.wav": _tone(300, 1.0) * 5.0})
     return folder
 
 
@@ -87,9 +99,25 @@ def test_each_package_is_unpacked_into_its_split_and_the_empty_prompt_listed(rea
     audio = RealAudio(real)
     assert audio.sources("train", "speech") == ["fake-speech-en"] and audio.sources("test", "speech") == [
         "fake-speech-es"]
-    assert not (real / "tune").exists()
+    assert not (real / "tune" / "fake-speech-en").exists()
     hello, rate = sf.read(real / "train/fake-speech-en/usr/share/asterisk/sounds/en/hello.wav", dtype="float32")
     assert rate == RATE and np.allclose(hello, _tone(300, 1.0), atol=1e-4)
+
+
+def test_a_soundtrack_is_written_once_as_mono_at_the_detectors_rate_and_peak_at_most_one(real):
+    """A 44.1 kHz stereo OGG becomes 16 kHz mono WAV; its link under another folder (a translated copy) is not a
+    second recording; a file louder than full scale is scaled down to peak 1, not clipped."""
+    files = {Path(f["path"]).relative_to("tune/fake-soundtrack/usr/share/asterisk/music").as_posix(): f
+             for f in json.loads((real / MANIFEST).read_text())["packages"]["fake-soundtrack"]["files"]}
+    assert sorted(files) == ["loud.wav", "theme.wav"]
+    theme, rate = sf.read(real / "tune/fake-soundtrack/usr/share/asterisk/music/theme.wav", dtype="float32")
+    assert rate == files["theme.wav"]["rate"] == 16000 and theme.ndim == 1
+    assert files["theme.wav"]["seconds"] == pytest.approx(2.0, abs=0.01)
+    assert abs(np.argmax(np.abs(np.fft.rfft(theme[:16000]))) - 440) <= 2
+    loud, rate = sf.read(real / "tune/fake-soundtrack/usr/share/asterisk/music/loud.wav", dtype="float32")
+    assert rate == RATE and np.max(np.abs(loud)) == pytest.approx(1.0, abs=1e-3)
+    assert np.allclose(loud, _tone(300, 1.0) / 0.3, atol=1e-3)  # the same waveform, not clipped
+    assert RealAudio(real).sources("tune", "music") == ["fake-soundtrack"]
 
 
 def test_stretches_are_seeded_resampled_and_stay_in_their_split(real):
@@ -101,8 +129,8 @@ def test_stretches_are_seeded_resampled_and_stay_in_their_split(real):
     assert abs(np.argmax(spectrum) - 500) <= 2  # the test speaker's 500 Hz, not the train speaker's tones
     music = audio.stretch("train", "music", 2.0, 7, 16000)
     assert abs(np.argmax(np.abs(np.fft.rfft(music[:16000]))) - 200) <= 2
-    with pytest.raises(DataError, match="no music recordings in the tune split"):
-        audio.stretch("tune", "music", 1.0, 0, 16000)
+    with pytest.raises(DataError, match="no speech recordings in the tune split"):
+        audio.stretch("tune", "speech", 1.0, 0, 16000)
 
 
 def test_a_fetch_resumes_from_the_packages_written_and_names_a_missing_one(debs, tmp_path):

@@ -103,7 +103,6 @@ ABLATIONS = {
 PROTOCOL = Path(__file__).with_name("protocol.toml")  # the tuning and test users, fixed before any tuning
 USER_SETS = ("tuning", "test")
 BACKGROUND_TAKE_S = 30.0
-BUNDLE_BACKGROUND_PATCHES = 320  # about 4 MB of float16 patches: the most a bundle carries
 # A false trigger belongs to the aggressor clip under its onset, from 50 ms before the clip starts (frame
 # centring) to 300 ms after it ends (the clip still fills most of the receptive field); otherwise to the floor.
 ATTRIBUTION_S = (0.05, 0.3)
