@@ -14,7 +14,8 @@ them share a voice) and every piece of music in one split (a soundtrack, one com
 with ``dpkg-deb -x`` and writes its recordings as 16-bit mono WAV of at most :data:`MAX_RATE` Hz (peak at most 1)
 under ``OUT/SPLIT/PACKAGE/`` with ``OUT/PACKAGE.json`` (files and seconds; the few empty or unreadable prompts some
 packages hold are listed there as skipped; a symbolic link, another name for a recording, is not read), then
-``OUT/manifest.json``. A package whose JSON exists is skipped, so an interrupted fetch resumes; ``--debs DIR``
+``OUT/manifest.json``. A package whose JSON exists with the same split is skipped, so an interrupted fetch
+resumes; ``--debs DIR``
 takes already-downloaded ``.deb`` files instead. :class:`RealAudio` reads the result.
 """
 
@@ -57,6 +58,10 @@ class Package:
     def split_of(self, stem: str) -> str | None:
         """The split of the file named ``stem``; None for a file the package should not hold."""
         return self.tracks.get(stem) if self.tracks is not None else self.split
+
+    def layout(self) -> dict:
+        """What the package holds and where, as its record keeps it (a record of another layout is refetched)."""
+        return {"kind": self.kind, "split": self.split, "tracks": dict(self.tracks) if self.tracks else None}
 
 
 PACKAGES: dict[str, Package] = {
@@ -135,7 +140,7 @@ def _fetch_package(name: str, package: Package, out: Path, debs: Path) -> dict:
             files.append({"path": str(relative), "split": split, "seconds": len(mono) / rate, "rate": rate})
     if not files:
         raise DataError(f"{deb}: holds no recordings ({', '.join(AUDIO_SUFFIXES)} files)")
-    return {"package": name, "kind": package.kind, "deb": deb.name,
+    return {"package": name, "kind": package.kind, "layout": package.layout(), "deb": deb.name,
             "deb_sha256": hashlib.sha256(deb.read_bytes()).hexdigest(), "files": files, "skipped": skipped}
 
 
@@ -143,7 +148,8 @@ def fetch_real_audio(out: Path, debs: Path | None = None, packages: Mapping[str,
                      progress: bool = True) -> Path:
     """Fetch and unpack the recordings of ``packages`` (default :data:`PACKAGES`) into ``out``; returns the
     manifest's path. ``debs``: a folder of ``PACKAGE_VERSION_all.deb`` files to use instead of downloading.
-    Packages already written (their ``out/PACKAGE.json``) are kept; DataError names a package that fails."""
+    Packages already written (their ``out/PACKAGE.json``) with the same layout are kept (one whose split has
+    changed is unpacked again); DataError names a package that fails."""
     packages = dict(PACKAGES if packages is None else packages)
     for name, package in packages.items():
         if package.kind not in KINDS or any(s not in SPLITS for s in (
@@ -156,8 +162,10 @@ def fetch_real_audio(out: Path, debs: Path | None = None, packages: Mapping[str,
     for name, package in tqdm(packages.items(), desc="real audio", unit="package", disable=not progress):
         record_path = out / f"{name}.json"
         if record_path.is_file():
-            records[name] = json.loads(record_path.read_text(encoding="utf-8"))
-            continue
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            if record.get("layout") == package.layout():
+                records[name] = record
+                continue
         if debs is None:
             _download(name, download)
         for stale in (out / split / name for split in SPLITS):

@@ -144,6 +144,12 @@ def test_a_fetch_resumes_from_the_packages_written_and_names_a_missing_one(debs,
     assert (out / "fake-speech-es.json").read_text() == written
     with pytest.raises(DataError, match=r"no-debs: no fake-speech-en_\*\.deb file"):
         fetch_real_audio(out, debs=empty, packages=PACKAGES, progress=False)
+    # a package whose split has changed since it was written is unpacked again, into its new split only
+    moved = {"fake-speech-es": Package("speech", "tune")}
+    fetch_real_audio(out, debs=debs, packages=moved, progress=False)
+    assert RealAudio(out).sources("tune", "speech") == ["fake-speech-es"] and not RealAudio(out).sources(
+        "test", "speech")
+    assert not (out / "test" / "fake-speech-es").exists() and (out / "tune" / "fake-speech-es").is_dir()
     with pytest.raises(DataError, match="no manifest.json; fetch the recordings"):
         RealAudio(empty)
 
