@@ -1,4 +1,5 @@
-"""Real recordings of people and music from Debian packages, split by speaker between training, tuning and test.
+"""Real recordings of people and music from Debian packages, split by speaker and by piece between training,
+tuning and test.
 
 The mouth-sound detector must stay silent on the speech and music around a user. Synthesis alone does not say
 whether it will: :data:`PACKAGES` are Debian packages of recorded telephone prompts (each one speaker, 8 kHz) and
@@ -14,9 +15,10 @@ them share a voice) and every piece of music in one split (a soundtrack, one com
 with ``dpkg-deb -x`` and writes its recordings as 16-bit mono WAV of at most :data:`MAX_RATE` Hz (peak at most 1)
 under ``OUT/SPLIT/PACKAGE/`` with ``OUT/PACKAGE.json`` (files and seconds; the few empty or unreadable prompts some
 packages hold are listed there as skipped; a symbolic link, another name for a recording, is not read), then
-``OUT/manifest.json``. A package whose JSON exists with the same split is skipped, so an interrupted fetch
-resumes; ``--debs DIR``
-takes already-downloaded ``.deb`` files instead. :class:`RealAudio` reads the result.
+``OUT/manifest.json``. A package whose JSON exists with the same layout (its entry in :data:`PACKAGES`) is
+skipped, so an interrupted fetch resumes; one of another layout, or of none, is unpacked again, and the manifest is
+removed first, so that no manifest names files being rewritten. ``--debs DIR`` takes already-downloaded ``.deb``
+files instead. :class:`RealAudio` reads the result.
 """
 
 from __future__ import annotations
@@ -148,8 +150,8 @@ def fetch_real_audio(out: Path, debs: Path | None = None, packages: Mapping[str,
                      progress: bool = True) -> Path:
     """Fetch and unpack the recordings of ``packages`` (default :data:`PACKAGES`) into ``out``; returns the
     manifest's path. ``debs``: a folder of ``PACKAGE_VERSION_all.deb`` files to use instead of downloading.
-    Packages already written (their ``out/PACKAGE.json``) with the same layout are kept (one whose split has
-    changed is unpacked again); DataError names a package that fails."""
+    Packages already written (their ``out/PACKAGE.json``) with the same layout are kept (another is unpacked
+    again, after ``out/manifest.json`` is removed); DataError names a package that fails."""
     packages = dict(PACKAGES if packages is None else packages)
     for name, package in packages.items():
         if package.kind not in KINDS or any(s not in SPLITS for s in (
@@ -166,6 +168,7 @@ def fetch_real_audio(out: Path, debs: Path | None = None, packages: Mapping[str,
             if record.get("layout") == package.layout():
                 records[name] = record
                 continue
+        (out / MANIFEST).unlink(missing_ok=True)  # written again once every package is
         if debs is None:
             _download(name, download)
         for stale in (out / split / name for split in SPLITS):

@@ -99,7 +99,7 @@ def test_each_package_is_unpacked_into_its_split_and_the_empty_prompt_listed(rea
     audio = RealAudio(real)
     assert audio.sources("train", "speech") == ["fake-speech-en"] and audio.sources("test", "speech") == [
         "fake-speech-es"]
-    assert not (real / "tune" / "fake-speech-en").exists()
+    assert [p.name for p in (real / "tune").iterdir()] == ["fake-soundtrack"]
     hello, rate = sf.read(real / "train/fake-speech-en/usr/share/asterisk/sounds/en/hello.wav", dtype="float32")
     assert rate == RATE and np.allclose(hello, _tone(300, 1.0), atol=1e-4)
 
@@ -144,8 +144,19 @@ def test_a_fetch_resumes_from_the_packages_written_and_names_a_missing_one(debs,
     assert (out / "fake-speech-es.json").read_text() == written
     with pytest.raises(DataError, match=r"no-debs: no fake-speech-en_\*\.deb file"):
         fetch_real_audio(out, debs=empty, packages=PACKAGES, progress=False)
-    # a package whose split has changed since it was written is unpacked again, into its new split only
+    # a package whose split has changed since it was written is unpacked again, into its new split only, and no
+    # manifest names its files while it is
     moved = {"fake-speech-es": Package("speech", "tune")}
+
+    def interrupted(*args):
+        assert not (out / MANIFEST).exists()
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr("data_prep.real_audio._fetch_package", interrupted)
+        fetch_real_audio(out, debs=debs, packages=moved, progress=False)
+    with pytest.raises(DataError, match="no manifest.json"):
+        RealAudio(out)
     fetch_real_audio(out, debs=debs, packages=moved, progress=False)
     assert RealAudio(out).sources("tune", "speech") == ["fake-speech-es"] and not RealAudio(out).sources(
         "test", "speech")
