@@ -36,6 +36,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from data_prep.mouth_sounds import SAMPLE_RATE
 from fl.audio import AudioFileError, read_audio, to_mono
 from fl.dsp import resample
 from fl.errors import DataError
@@ -45,7 +46,7 @@ SPLITS = ("train", "tune", "test")
 KINDS = ("speech", "music")
 MANIFEST = "manifest.json"
 AUDIO_SUFFIXES = (".wav", ".gsm", ".ogg", ".mp3")
-MAX_RATE = 16000  # the detector's rate: recordings above it are resampled to it
+MAX_RATE = SAMPLE_RATE  # the detector's rate: recordings above it are resampled to it
 
 
 @dataclass(frozen=True)
