@@ -1,7 +1,8 @@
 """``fedsound bench personalize``: detection quality after private fine-tuning, and the fine-tuning time.
 
-1. Global model: ``WORKDIR/global-bundle`` when it exists, else the global bundle fedsound ships, else (and with
-   ``quick``) one built by the federation of :mod:`benchmarks.personalize.global_model`.
+1. Global model: ``WORKDIR/global-bundle`` when it exists (``WORKDIR`` is ``bench/personalize`` under the CLI's
+   ``--workdir``), else the global bundle fedsound ships, else (and with ``quick``) one built by the federation of
+   :mod:`benchmarks.personalize.global_model`.
 2. Synthetic users (:data:`PROTOCOL`: the ``test`` users by default, ``--users tuning`` or seeds; their voices
    are not in the global model's corpus): each enrolls 10 takes of each of the five mouth sounds and three
    minutes of background (six 30 s takes of their room with its noises, sometimes a television, and their own
