@@ -35,13 +35,17 @@ from data_prep.mouth_sounds import (
 )
 from data_prep.real_audio import RealAudio
 from data_prep.synth import staged_tree, write_csv
+from fl.config import FrontendConfig
 from fl.errors import ConfigError
+from fl.frontend import Frontend, cut_patches
 
 RATE = 44100
 BACKGROUND = "background"
 LABELS = (*SOUNDS, BACKGROUND)
 TAKE_SECONDS = 2.0
 BACKGROUND_SECONDS = 4.0
+# Peak level (dBFS) of a real recording played in a voice's room.
+ROOM_PEAK_DB = {"speech": (-28.0, -6.0), "music": (-34.0, -8.0)}
 # bench personalize trains its global detector on a corpus of this size (about 14 hours of audio, 4.4 GB of WAV).
 VOICES = 960
 TAKES_PER_SOUND = 2
@@ -56,7 +60,7 @@ def background_clip(voice: Voice, v: int, j: int, seed: int, real: RealAudio | N
     if real is not None and j % 4 >= 2:
         kind = "music" if j % 4 == 3 and v % 3 == 0 else "speech"
         recording = real.stretch("train", kind, BACKGROUND_SECONDS, [seed, 103, v, j], RATE)
-        return recorded_in_room(recording, kind, clip_seed, RATE, (-34.0, -8.0) if kind == "music" else (-28.0, -6.0))
+        return recorded_in_room(recording, kind, clip_seed, RATE, ROOM_PEAK_DB[kind])
     make = make_aggressor_stream if j % 2 == 0 else background_take
     return make(voice, seconds=BACKGROUND_SECONDS, seed=clip_seed, sample_rate=RATE)
 
@@ -109,3 +113,21 @@ def synthesize_mouth_corpus(out: Path, n_voices: int = VOICES, takes_per_sound: 
             with (root / METADATA / f"{part}_clips_info_FSD50K.json").open("w", encoding="utf-8") as handle:
                 json.dump(infos[part], handle, sort_keys=True, indent=1)
     return out
+
+
+def real_background_patches(real_audio: Path, frontend: FrontendConfig, count: int, seed: int = 0,
+                            progress: bool = True) -> np.ndarray:
+    """``count`` log-mel patches ``[count, patch_frames, n_mels]`` of the recordings' ``train`` split, speech and
+    music in turn: each cut at random from its own clip of ``BACKGROUND_SECONDS`` played in a room as
+    :func:`background_clip` plays them (same levels and floors), through ``frontend``."""
+    real = RealAudio(real_audio)
+    features = Frontend(frontend)
+    rng = np.random.default_rng([seed, 104])
+    patches = np.zeros((count, frontend.patch_frames, frontend.n_mels), dtype=np.float32)
+    for k in tqdm(range(count), desc="real background", unit="patch", disable=not progress):
+        kind = ("speech", "music")[k % 2]
+        recording = real.stretch("train", kind, BACKGROUND_SECONDS, [seed, 105, k], RATE)
+        clip = recorded_in_room(recording, kind, [seed, 106, k], RATE, ROOM_PEAK_DB[kind])
+        cut = cut_patches(features.frames(clip.wave, RATE), frontend)
+        patches[k] = cut[rng.integers(len(cut))]
+    return patches

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from clients.detector.bundle import MAX_BACKGROUND_BYTES, export_bundle, load_bundle
+from clients.detector.bundle import MAX_BACKGROUND_BYTES, ExtraBackground, export_bundle, load_bundle
 from clients.detector.manifest import BACKGROUND, BACKGROUND_LABELS, MANIFEST, WEIGHTS, BundleError, resolve_bundle
 from fl.config import Config, DetectorConfig, to_dict
 from fl.errors import ConfigError, FedsoundError
@@ -80,6 +80,35 @@ def test_background_is_a_small_seeded_sample_of_train_patches_without_excluded_l
     again = export_bundle(model_path, tmp_path / "again", Config(seed=3, detector=SETTINGS), store=store.path,
                           background_patches=40, exclude_labels=[store.labels[0]])
     np.testing.assert_array_equal(load_bundle(again).background()[0], patches)
+
+
+def test_extra_background_follows_the_store_sample_with_its_label_and_provenance(exported, tmp_path):
+    store, model_path, path = exported
+    config = Config(seed=3, detector=SETTINGS)
+    shape = (store.frontend.patch_frames, store.frontend.n_mels)
+    extra = ExtraBackground(np.random.default_rng(0).normal(size=(5, *shape)).astype(np.float32), store.labels[2],
+                            {"from": "recordings"})
+    bundle = load_bundle(export_bundle(model_path, tmp_path / "extra", config, store=store.path,
+                                       background_patches=40, exclude_labels=[store.labels[0]],
+                                       extra_background=extra))
+    patches, labels = bundle.background()
+    sampled, sampled_labels = load_bundle(path).background()
+    np.testing.assert_array_equal(patches[:40], sampled)
+    np.testing.assert_array_equal(patches[40:], extra.patches.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(labels[:40], sampled_labels)
+    assert labels[40:].sum(axis=1).tolist() == [1] * 5 and labels[40:, 2].all()
+    assert bundle.manifest["provenance"]["extra_background"] == {"from": "recordings"}
+    # without a store, the extra patches are the whole background
+    alone = load_bundle(export_bundle(model_path, tmp_path / "alone", config, extra_background=extra))
+    assert alone.background()[0].shape == (5, *shape)
+    bad = [(ExtraBackground(extra.patches[:, :-1], store.labels[2], {}), "do not match the frontend's"),
+           (ExtraBackground(extra.patches, "no such label", {}), "'no such label' is not in the vocabulary"),
+           (ExtraBackground(np.zeros((MAX_BACKGROUND_BYTES // (2 * shape[0] * shape[1]) + 1, *shape), np.float32),
+                            store.labels[2], {}), "exceed the bundle's 4 MiB of background")]
+    for wrong, message in bad:
+        with pytest.raises(BundleError, match=message):
+            export_bundle(model_path, tmp_path / "wrong", config, extra_background=wrong)
+        assert not (tmp_path / "wrong").exists()
 
 
 @pytest.mark.parametrize("name", [WEIGHTS, BACKGROUND])

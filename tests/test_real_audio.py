@@ -1,5 +1,6 @@
 """Real recordings from Debian packages: unpacked from .deb files the test builds with dpkg-deb, split by speaker,
-resumed, read back as stretches, and mixed into the mouth-sound corpus's background class."""
+resumed, read back as stretches, mixed into the mouth-sound corpus's background class and cut into the global
+bundle's background patches."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data_prep.mouth_corpus import synthesize_mouth_corpus
+from clients.detector.bundle import load_bundle
+from data_prep.mouth_corpus import real_background_patches, synthesize_mouth_corpus
 from data_prep.real_audio import MANIFEST, Package, RealAudio, fetch_real_audio
 from fedsound.cli import main
+from fl.config import CONFIG_DIR, load_config
 from fl.errors import DataError
+from fl.frontend import band_centres_hz
 
 pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb (Debian or Ubuntu)")
 
@@ -209,3 +213,32 @@ def test_the_bench_plays_the_test_split_in_the_users_room_and_counts_each_source
     assert rates["synthetic"] == {"false_triggers": 4, "hours": 1.0, "false_triggers_per_hour": 4.0}
     pooled = (quality + quality).figures()["by_source"]
     assert pooled["real speech"]["hours"] == 2.0 and pooled["synthetic"]["false_triggers"] == 8
+
+
+def test_the_bundles_real_background_is_train_speech_and_music_in_turn_played_in_a_room(real):
+    frontend = load_config(CONFIG_DIR / "features" / "lea16k.toml").frontend
+    patches = real_background_patches(real, frontend, 4, seed=3, progress=False)
+    assert patches.shape == (4, frontend.patch_frames, frontend.n_mels) and np.isfinite(patches).all()
+    np.testing.assert_array_equal(patches, real_background_patches(real, frontend, 4, seed=3, progress=False))
+    assert not np.array_equal(patches, real_background_patches(real, frontend, 4, seed=4, progress=False))
+    # the loudest band: the train speech's tones (300-400 Hz) in patches 0 and 2, the train music's (200 Hz) in 1
+    # and 3; nothing of the test or tune splits (500, 600, 440 Hz)
+    loudest = band_centres_hz(frontend)[patches.mean(axis=1).argmax(axis=1)]
+    assert all(270 < loudest[k] < 430 for k in (0, 2)) and all(170 < loudest[k] < 240 for k in (1, 3)), loudest
+
+
+def test_bench_global_ships_a_third_corpus_patches_and_two_thirds_real_recordings(real, tmp_path):
+    from benchmarks.personalize import global_model
+
+    report = global_model.build_global_model(tmp_path / "global", quick=True, progress=False, real_audio=real)
+    bundle = load_bundle(tmp_path / "global" / "global-bundle")
+    patches, labels = bundle.background()
+    real_count = int(global_model.BUNDLE_BACKGROUND_PATCHES * global_model.REAL_BACKGROUND_SHARE)
+    assert len(patches) == global_model.BUNDLE_BACKGROUND_PATCHES and labels[:, bundle.labels.index("background")].all()
+    np.testing.assert_array_equal(
+        patches[-real_count:], real_background_patches(real, bundle.frontend_config, real_count, progress=False
+                                                       ).astype(np.float16).astype(np.float32))
+    provenance = bundle.manifest["provenance"]
+    assert provenance["extra_background"]["real_audio_manifest_sha256"] == RealAudio(real).manifest_sha256
+    assert provenance["background"]["excluded_labels"] == ["pop", "click", "hiss", "hum", "whistle"]
+    assert report["manifest_sha256"] == bundle.manifest["manifest_sha256"]

@@ -10,8 +10,12 @@ What every personal detector starts from, and the bundle fedsound ships (``clien
 3. ``fedsound simulate`` over the train voices partitioned by uploader, one client per voice (as FSD50K's
    uploaders), with :data:`FEDERATED`; with ``--central``, also a central run with the same model over as many
    passes of the data (:data:`CENTRAL_EPOCHS`), and the gap between the two on the eval voices.
-4. ``export`` of the federated model with background patches of the train voices (the mouth sounds excluded):
-   ``WORKDIR/global-bundle``; ``--ship`` copies it into the package and prints its manifest's SHA-256.
+4. ``export`` of the federated model with :data:`BUNDLE_BACKGROUND_PATCHES` background patches, the negatives of
+   every personalization: with ``--real-audio``, a third of them from the train voices' background (the mouth
+   sounds excluded) and two thirds real speech and music of the recordings' ``train`` split in equal parts
+   (:func:`data_prep.mouth_corpus.real_background_patches`), since a user's own few minutes of background hold
+   neither music nor other people's voices; without, all from the train voices. ``WORKDIR/global-bundle``;
+   ``--ship`` copies it into the package and prints its manifest's SHA-256.
 
 Each step is skipped when its output exists, and the federated run resumes where it stopped; a run directory
 trained with other settings is refused, not reused.
@@ -25,9 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine_info, write_json
-from clients.detector.bundle import SHIPPED_BUNDLE, export_bundle, load_bundle
-from data_prep.mouth_corpus import BACKGROUND_CLIPS, TAKES_PER_SOUND, VOICES, synthesize_mouth_corpus
+from clients.detector.bundle import SHIPPED_BUNDLE, ExtraBackground, export_bundle, load_bundle
+from data_prep.mouth_corpus import (
+    BACKGROUND,
+    BACKGROUND_CLIPS,
+    TAKES_PER_SOUND,
+    VOICES,
+    real_background_patches,
+    synthesize_mouth_corpus,
+)
 from data_prep.mouth_sounds import SOUNDS
+from data_prep.real_audio import RealAudio
 from fedsound.simulate import simulate
 from fl.config import CONFIG_DIR, LENGTH_KEYS, RUNTIME_KEYS, Config, load_config, to_dict
 from fl.errors import ConfigError
@@ -35,6 +47,7 @@ from fl.rundir import RunDir
 from fl.train import evaluate_model_file, train_central
 
 BUNDLE_BACKGROUND_PATCHES = 160  # about 2 MB of float16 patches in the bundle
+REAL_BACKGROUND_SHARE = 2 / 3  # of them real speech and music, with --real-audio
 FEDERATED = {"partition.by": "uploader", "partition.min-clips": 1, "federated.rounds": 45,
              "federated.max-pooling-rounds": 30, "federated.fraction": 0.1, "federated.local-epochs": 2,
              "train.lr": 2e-3, "train.patience": 0}
@@ -78,6 +91,15 @@ def _check_reused(run: Path, config: Config, ignore: tuple[str, ...]) -> None:
         raise ConfigError(f"{run}: trained with other settings ({'; '.join(changed)}); delete it to rebuild")
 
 
+def _real_background(real_audio: Path, config: Config, progress: bool) -> ExtraBackground:
+    """The bundle's patches of real speech and music (:data:`REAL_BACKGROUND_SHARE` of its background)."""
+    count = int(BUNDLE_BACKGROUND_PATCHES * REAL_BACKGROUND_SHARE)
+    patches = real_background_patches(real_audio, config.frontend, count, config.seed, progress)
+    provenance = {"real_audio_manifest_sha256": RealAudio(real_audio).manifest_sha256, "split": "train",
+                  "kinds": ["speech", "music"], "seed": config.seed}
+    return ExtraBackground(patches, BACKGROUND, provenance)
+
+
 def _federated(store: Path, config: Config, run: Path, progress: bool) -> Path:
     """The federated run's model, running or resuming it unless it finished."""
     _check_reused(run, config, LENGTH_KEYS)
@@ -111,8 +133,10 @@ def build_global_model(workdir: Path, quick: bool = False, out_json: Path | None
         figures.update({"central_eval_mAP": central_figures["mAP"], "central_eval_ap": central_figures["per_class_ap"]})
         figures["gap"] = figures["central_eval_mAP"] - figures["federated_eval_mAP"]
     bundle = workdir / "global-bundle"
-    export_bundle(model, bundle, config, store=store, background_patches=BUNDLE_BACKGROUND_PATCHES,
-                  exclude_labels=SOUNDS, portable=True)
+    extra = _real_background(Path(real_audio), config, progress) if real_audio else None
+    export_bundle(model, bundle, config, store=store,
+                  background_patches=BUNDLE_BACKGROUND_PATCHES - (len(extra.patches) if extra else 0),
+                  exclude_labels=SOUNDS, portable=True, extra_background=extra)
     sha = load_bundle(bundle).manifest["manifest_sha256"]
     if ship:
         shutil.rmtree(SHIPPED_BUNDLE, ignore_errors=True)

@@ -4,14 +4,15 @@ Layout (format ``fedsound-bundle``, version ``VERSION``)::
 
     bundle.json              manifest (:mod:`clients.detector.manifest`)
     weights.pt               torch.save of {name: tensor} only, read with torch.load(weights_only=True)
-    background.npy           float16 [n, patch_frames, n_mels] log-mel patches from the training store
+    background.npy           float16 [n, patch_frames, n_mels] log-mel patches (training store, other recordings)
     background-labels.npy    uint8 [n, n_classes] their multi-hot labels   (both only when a store was given)
     step.onnx, frontend.npz  the portable detector's step and frontend arrays (only with ``portable``)
 
 :func:`load_bundle` checks the format, the version and every checksum before it reads anything else.
 
-The background patches are a seeded random sample of training patches (at most ``MAX_BACKGROUND_BYTES``),
-optionally leaving out clips that carry given labels; on-device fine-tuning uses them as negatives.
+The background patches are a seeded random sample of training patches, optionally leaving out clips that carry
+given labels, followed by any patches made from other recordings (:class:`ExtraBackground`), at most
+``MAX_BACKGROUND_BYTES`` in all; on-device fine-tuning uses them as negatives.
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ SHIPPED_BUNDLE = Path(str(importlib.resources.files("clients.detector") / "globa
 def shipped_bundle() -> Path | None:
     """The shipped global bundle's folder, or None in a checkout where it has not been built."""
     return SHIPPED_BUNDLE if (SHIPPED_BUNDLE / MANIFEST).is_file() else None
+
+
+@dataclass(frozen=True)
+class ExtraBackground:
+    """Background patches ``[n, patch_frames, n_mels]`` made outside the training store, all labelled ``label``;
+    ``provenance`` (plain JSON data) says where they came from."""
+
+    patches: np.ndarray
+    label: str
+    provenance: dict[str, Any]
 
 
 @dataclass
@@ -233,6 +244,28 @@ def _sample_background(store_path: Path, frontend: FrontendConfig, labels: Seque
     return patches, table.labels[chosen[:, 0]], info
 
 
+def _with_extra(background: tuple[np.ndarray, np.ndarray] | None, extra: ExtraBackground,
+                frontend: FrontendConfig, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``background`` (patches, labels) followed by ``extra``'s patches, within ``MAX_BACKGROUND_BYTES``."""
+    shape = (frontend.patch_frames, frontend.n_mels)
+    if extra.patches.ndim != 3 or extra.patches.shape[1:] != shape:
+        raise BundleError(f"extra background: patches of shape {extra.patches.shape} do not match the frontend's "
+                          f"[n, {shape[0]}, {shape[1]}]")
+    if extra.label not in labels:
+        raise BundleError(f"extra background: label {extra.label!r} is not in the vocabulary")
+    extra_labels = np.zeros((len(extra.patches), len(labels)), dtype=np.uint8)
+    extra_labels[:, list(labels).index(extra.label)] = 1
+    if background is None:
+        patches, patch_labels = extra.patches, extra_labels
+    else:
+        patches = np.concatenate([background[0], extra.patches])
+        patch_labels = np.concatenate([background[1], extra_labels])
+    if patches.size * 2 > MAX_BACKGROUND_BYTES:  # stored as float16
+        raise BundleError(f"extra background: {len(patches)} patches exceed the bundle's "
+                          f"{MAX_BACKGROUND_BYTES // 2**20} MiB of background")
+    return patches, patch_labels
+
+
 def export_bundle(
     model_path: Path,
     bundle: Path,
@@ -241,12 +274,13 @@ def export_bundle(
     background_patches: int = DEFAULT_BACKGROUND_PATCHES,
     exclude_labels: Sequence[str] = (),
     portable: bool = False,
+    extra_background: ExtraBackground | None = None,
 ) -> Path:
     """Model file -> detector bundle at ``bundle`` (see the module docstring); returns the bundle path.
 
     Frontend and labels come from the model file's ``extra``; ``config.detector`` gives the post-processing
-    settings. With ``store``, up to ``background_patches`` train patches (``config.seed``) are carried; with
-    ``portable``, the ONNX step and the frontend's arrays.
+    settings. With ``store``, up to ``background_patches`` train patches (``config.seed``) are carried, then the
+    patches of ``extra_background``; with ``portable``, the ONNX step and the frontend's arrays.
     """
     model_path = Path(model_path)
     model, extra = load_model(model_path)
@@ -265,6 +299,9 @@ def export_bundle(
                                                          exclude_labels, config.seed)
         background = (patches, patch_labels)
         provenance["background"] = info
+    if extra_background is not None:
+        background = _with_extra(background, extra_background, frontend, labels)
+        provenance["extra_background"] = extra_background.provenance
     return write_bundle(bundle, model, frontend, labels, mids, config.detector, background, provenance, portable)
 
 
