@@ -7,7 +7,8 @@ room floor, :func:`data_prep.mouth_sounds.corpus_take`) and clips of its backgro
 speech and other talkers, fan, traffic, babble: the label ``background``). Given the real recordings of
 :mod:`data_prep.real_audio`, half of each voice's background clips are instead real speech or music of its
 ``train`` split played in the voice's room (:func:`data_prep.mouth_sounds.recorded_in_room`): no speaker of the
-tuning or test splits is heard. Voices are split whole between
+tuning or test splits is heard; :func:`real_background_patches` cuts the global bundle's real background patches
+from the same split, played the same way. Voices are split whole between
 train, val and eval (one in ten each to val and eval), so a partition by uploader is a partition by voice.
 Audio is written at 44.1 kHz, PCM_16, mono; ``fedsound data prep`` turns the tree into a feature store like
 any FSD50K tree. The same seed gives byte-identical files.

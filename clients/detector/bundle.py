@@ -5,7 +5,7 @@ Layout (format ``fedsound-bundle``, version ``VERSION``)::
     bundle.json              manifest (:mod:`clients.detector.manifest`)
     weights.pt               torch.save of {name: tensor} only, read with torch.load(weights_only=True)
     background.npy           float16 [n, patch_frames, n_mels] log-mel patches (training store, other recordings)
-    background-labels.npy    uint8 [n, n_classes] their multi-hot labels   (both only when a store was given)
+    background-labels.npy    uint8 [n, n_classes] their multi-hot labels   (both only with background patches)
     step.onnx, frontend.npz  the portable detector's step and frontend arrays (only with ``portable``)
 
 :func:`load_bundle` checks the format, the version and every checksum before it reads anything else.
