@@ -116,12 +116,11 @@ def synthesize_mouth_corpus(out: Path, n_voices: int = VOICES, takes_per_sound: 
     return out
 
 
-def real_background_patches(real_audio: Path, frontend: FrontendConfig, count: int, seed: int = 0,
+def real_background_patches(real: RealAudio, frontend: FrontendConfig, count: int, seed: int = 0,
                             progress: bool = True) -> np.ndarray:
     """``count`` log-mel patches ``[count, patch_frames, n_mels]`` of the recordings' ``train`` split, speech and
     music in turn: each cut at random from its own clip of ``BACKGROUND_SECONDS`` played in a room as
     :func:`background_clip` plays them (same levels and floors), through ``frontend``."""
-    real = RealAudio(real_audio)
     features = Frontend(frontend)
     rng = np.random.default_rng([seed, 104])
     patches = np.zeros((count, frontend.patch_frames, frontend.n_mels), dtype=np.float32)

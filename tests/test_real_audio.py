@@ -217,10 +217,11 @@ def test_the_bench_plays_the_test_split_in_the_users_room_and_counts_each_source
 
 def test_the_bundles_real_background_is_train_speech_and_music_in_turn_played_in_a_room(real):
     frontend = load_config(CONFIG_DIR / "features" / "lea16k.toml").frontend
-    patches = real_background_patches(real, frontend, 4, seed=3, progress=False)
+    recordings = RealAudio(real)
+    patches = real_background_patches(recordings, frontend, 4, seed=3, progress=False)
     assert patches.shape == (4, frontend.patch_frames, frontend.n_mels) and np.isfinite(patches).all()
-    np.testing.assert_array_equal(patches, real_background_patches(real, frontend, 4, seed=3, progress=False))
-    assert not np.array_equal(patches, real_background_patches(real, frontend, 4, seed=4, progress=False))
+    np.testing.assert_array_equal(patches, real_background_patches(recordings, frontend, 4, seed=3, progress=False))
+    assert not np.array_equal(patches, real_background_patches(recordings, frontend, 4, seed=4, progress=False))
     # the loudest band: the train speech's tones (300-400 Hz) in patches 0 and 2, the train music's (200 Hz) in 1
     # and 3; nothing of the test or tune splits (500, 600, 440 Hz)
     loudest = band_centres_hz(frontend)[patches.mean(axis=1).argmax(axis=1)]
@@ -235,9 +236,8 @@ def test_bench_global_ships_a_third_corpus_patches_and_two_thirds_real_recording
     patches, labels = bundle.background()
     real_count = int(global_model.BUNDLE_BACKGROUND_PATCHES * global_model.REAL_BACKGROUND_SHARE)
     assert len(patches) == global_model.BUNDLE_BACKGROUND_PATCHES and labels[:, bundle.labels.index("background")].all()
-    np.testing.assert_array_equal(
-        patches[-real_count:], real_background_patches(real, bundle.frontend_config, real_count, progress=False
-                                                       ).astype(np.float16).astype(np.float32))
+    expected = real_background_patches(RealAudio(real), bundle.frontend_config, real_count, progress=False)
+    np.testing.assert_array_equal(patches[-real_count:], expected.astype(np.float16).astype(np.float32))
     provenance = bundle.manifest["provenance"]
     assert provenance["extra_background"]["real_audio_manifest_sha256"] == RealAudio(real).manifest_sha256
     assert provenance["background"]["excluded_labels"] == ["pop", "click", "hiss", "hum", "whistle"]

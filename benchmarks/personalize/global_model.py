@@ -94,8 +94,9 @@ def _check_reused(run: Path, config: Config, ignore: tuple[str, ...]) -> None:
 def _real_background(real_audio: Path, config: Config, progress: bool) -> ExtraBackground:
     """The bundle's patches of real speech and music (:data:`REAL_BACKGROUND_SHARE` of its background)."""
     count = int(BUNDLE_BACKGROUND_PATCHES * REAL_BACKGROUND_SHARE)
-    patches = real_background_patches(real_audio, config.frontend, count, config.seed, progress)
-    provenance = {"real_audio_manifest_sha256": RealAudio(real_audio).manifest_sha256, "split": "train",
+    real = RealAudio(real_audio)
+    patches = real_background_patches(real, config.frontend, count, config.seed, progress)
+    provenance = {"real_audio_manifest_sha256": real.manifest_sha256, "split": "train",
                   "kinds": ["speech", "music"], "seed": config.seed}
     return ExtraBackground(patches, BACKGROUND, provenance)
 
