@@ -8,7 +8,7 @@ speech and other talkers, fan, traffic, babble: the label ``background``). Given
 :mod:`data_prep.real_audio`, half of each voice's background clips are instead real speech or music of its
 ``train`` split played in the voice's room (:func:`data_prep.mouth_sounds.recorded_in_room`): no speaker of the
 tuning or test splits is heard; :func:`real_background_patches` cuts the global bundle's real background patches
-from the same split, played the same way. Voices are split whole between
+from the same split and the ``bank`` split's music, played the same way. Voices are split whole between
 train, val and eval (one in ten each to val and eval), so a partition by uploader is a partition by voice.
 Audio is written at 44.1 kHz, PCM_16, mono; ``fedsound data prep`` turns the tree into a feature store like
 any FSD50K tree. The same seed gives byte-identical files.
@@ -47,6 +47,8 @@ TAKE_SECONDS = 2.0
 BACKGROUND_SECONDS = 4.0
 # Peak level (dBFS) of a real recording played in a voice's room.
 ROOM_PEAK_DB = {"speech": (-28.0, -6.0), "music": (-34.0, -8.0)}
+# the global bundle's real negatives, in turn: half speech, half music of two genres
+REAL_NEGATIVES = (("train", "speech"), ("train", "music"), ("train", "speech"), ("bank", "music"))
 # bench personalize trains its global detector on a corpus of this size (about 14 hours of audio, 4.4 GB of WAV).
 VOICES = 960
 TAKES_PER_SOUND = 2
@@ -118,15 +120,16 @@ def synthesize_mouth_corpus(out: Path, n_voices: int = VOICES, takes_per_sound: 
 
 def real_background_patches(real: RealAudio, frontend: FrontendConfig, count: int, seed: int = 0,
                             progress: bool = True) -> np.ndarray:
-    """``count`` log-mel patches ``[count, patch_frames, n_mels]`` of the recordings' ``train`` split, speech and
-    music in turn: each cut at random from its own clip of ``BACKGROUND_SECONDS`` played in a room as
-    :func:`background_clip` plays them (same levels and floors), through ``frontend``."""
+    """``count`` log-mel patches ``[count, patch_frames, n_mels]`` of real recordings in the turn of
+    :data:`REAL_NEGATIVES` (speech and music of the ``train`` split, music of the ``bank`` split): each cut at random
+    from its own clip of ``BACKGROUND_SECONDS`` played in a room as :func:`background_clip` plays them (same levels
+    and floors), through ``frontend``."""
     features = Frontend(frontend)
     rng = np.random.default_rng([seed, 104])
     patches = np.zeros((count, frontend.patch_frames, frontend.n_mels), dtype=np.float32)
     for k in tqdm(range(count), desc="real background", unit="patch", disable=not progress):
-        kind = ("speech", "music")[k % 2]
-        recording = real.stretch("train", kind, BACKGROUND_SECONDS, [seed, 105, k], RATE)
+        split, kind = REAL_NEGATIVES[k % len(REAL_NEGATIVES)]
+        recording = real.stretch(split, kind, BACKGROUND_SECONDS, [seed, 105, k], RATE)
         clip = recorded_in_room(recording, kind, [seed, 106, k], RATE, ROOM_PEAK_DB[kind])
         cut = cut_patches(features.frames(clip.wave, RATE), frontend)
         patches[k] = cut[rng.integers(len(cut))]

@@ -3,11 +3,14 @@ tuning and test.
 
 The mouth-sound detector must stay silent on the speech and music around a user. Synthesis alone does not say
 whether it will: :data:`PACKAGES` are Debian packages of recorded telephone prompts (each one speaker, 8 kHz) and
-of music (each track one piece: telephone music on hold, and two games' soundtracks). Their split is fixed here,
+of music (each track one piece: telephone music on hold, and three games' soundtracks). Their split is fixed here,
 before any tuning, and keeps every speaker in one split (packages of one language share a split, in case two of
 them share a voice) and every piece of music in one split (a soundtrack, one composer, in one split):
 
-- ``train``: the background class of the global mouth-sound model (:mod:`data_prep.mouth_corpus`);
+- ``train``: the background class of the global mouth-sound model (:mod:`data_prep.mouth_corpus`), and with
+  ``bank`` the real negatives every personal detector trains against (the global bundle's background patches);
+- ``bank``: only those negatives, never the global model's corpus: music unlike ``train``'s, so that a personal
+  detector hears more than one genre without changing what the global model learns;
 - ``tune``: what benchmark settings may be chosen on;
 - ``test``: the aggressor audio whose false triggers the personalization benchmark reports.
 
@@ -42,7 +45,7 @@ from fl.dsp import resample
 from fl.errors import DataError
 from fl.jsonfile import write_json_atomic
 
-SPLITS = ("train", "tune", "test")
+SPLITS = ("train", "bank", "tune", "test")
 KINDS = ("speech", "music")
 MANIFEST = "manifest.json"
 AUDIO_SUFFIXES = (".wav", ".gsm", ".ogg", ".mp3")
@@ -81,6 +84,7 @@ PACKAGES: dict[str, Package] = {
         "reno_project-system": "tune", "manolo_camp-morning_coffee": "tune"}),
     "asc-music": Package("music", "tune"),  # three tracks, 18 minutes
     "drascula-music": Package("music", "test"),  # 31 tracks, 47 minutes
+    "wesnoth-1.16-music": Package("music", "bank"),  # 41 orchestral tracks, 2.1 hours
 }
 
 

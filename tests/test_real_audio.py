@@ -29,6 +29,7 @@ PACKAGES = {
     "fake-speech-es": Package("speech", "test"),
     "fake-music": Package("music", tracks={"song-a": "train", "song-b": "test"}),
     "fake-soundtrack": Package("music", "tune"),
+    "fake-orchestra": Package("music", "bank"),
 }
 SOUNDTRACK_RATE = 44100
 
@@ -73,6 +74,7 @@ def debs(tmp_path_factory) -> Path:
     _deb(folder, "fake-speech-en", {"sounds/en/hello.wav": _tone(300, 1.0), "sounds/en/digits/1.wav": _tone(350, 0.5),
                                     "sounds/en/empty.wav": b"", "sounds/en/bye.gsm": _tone(400, 0.8)})
     _deb(folder, "fake-speech-es", {"sounds/es/hola.wav": _tone(500, 1.2)})
+    _deb(folder, "fake-orchestra", {"music/overture.wav": _tone(900, 3.0)})
     _deb(folder, "fake-music", {"moh/song-a.wav": _tone(200, 3.0), "moh/song-b.wav": _tone(600, 2.0),
                                 "moh/song-c.wav": _tone(700, 1.0)})
     theme = np.sin(2 * np.pi * 440 * np.arange(2 * SOUNDTRACK_RATE) / SOUNDTRACK_RATE).astype(np.float32) * 0.5
@@ -182,7 +184,7 @@ def test_half_the_corpus_background_becomes_real_recordings_and_the_rest_stays(r
     mixed = synthesize_mouth_corpus(tmp_path / "mixed", n_voices=10, takes_per_sound=1, background_clips=4,
                                     progress=False, real_audio=real)
     per_voice = 5 + 4  # five takes, then background clips 0-3
-    same, changed = [], []
+    same, changed, peaks_hz = [], [], []
     for fname in range(1, 10 * per_voice + 1):
         a = sf.read(synthetic / "FSD50K.dev_audio" / f"{fname}.wav")[0] if (
             synthetic / "FSD50K.dev_audio" / f"{fname}.wav").is_file() else sf.read(
@@ -190,7 +192,11 @@ def test_half_the_corpus_background_becomes_real_recordings_and_the_rest_stays(r
         part = "FSD50K.dev_audio" if (mixed / "FSD50K.dev_audio" / f"{fname}.wav").is_file() else "FSD50K.eval_audio"
         b = sf.read(mixed / part / f"{fname}.wav")[0]
         (same if np.array_equal(a, b) else changed).append((fname - 1) % per_voice)
+        if not np.array_equal(a, b):
+            peaks_hz.append(np.argmax(np.abs(np.fft.rfft(b))) * 44100 / len(b))
     assert set(same) == {0, 1, 2, 3, 4, 5, 6} and set(changed) == {7, 8}  # clips 2 and 3 of each voice
+    # train speech (300-400 Hz) and music (200 Hz) only: never the bank's music (900 Hz), nor tune or test
+    assert all(190 < hz < 410 for hz in peaks_hz), peaks_hz
 
 
 def test_the_bench_plays_the_test_split_in_the_users_room_and_counts_each_source_apart(real):
@@ -215,17 +221,17 @@ def test_the_bench_plays_the_test_split_in_the_users_room_and_counts_each_source
     assert pooled["real speech"]["hours"] == 2.0 and pooled["synthetic"]["false_triggers"] == 8
 
 
-def test_the_bundles_real_background_is_train_speech_and_music_in_turn_played_in_a_room(real):
+def test_the_bundles_real_background_is_train_speech_train_music_and_bank_music_in_turn_played_in_a_room(real):
     frontend = load_config(CONFIG_DIR / "features" / "lea16k.toml").frontend
     recordings = RealAudio(real)
     patches = real_background_patches(recordings, frontend, 4, seed=3, progress=False)
     assert patches.shape == (4, frontend.patch_frames, frontend.n_mels) and np.isfinite(patches).all()
     np.testing.assert_array_equal(patches, real_background_patches(recordings, frontend, 4, seed=3, progress=False))
     assert not np.array_equal(patches, real_background_patches(recordings, frontend, 4, seed=4, progress=False))
-    # the loudest band: the train speech's tones (300-400 Hz) in patches 0 and 2, the train music's (200 Hz) in 1
-    # and 3; nothing of the test or tune splits (500, 600, 440 Hz)
+    # the loudest band: the train speech's tones (300-400 Hz) in patches 0 and 2, the train music's (200 Hz) in 1,
+    # the bank music's (900 Hz) in 3; nothing of the test or tune splits (500, 600, 440 Hz)
     loudest = band_centres_hz(frontend)[patches.mean(axis=1).argmax(axis=1)]
-    assert all(270 < loudest[k] < 430 for k in (0, 2)) and all(170 < loudest[k] < 240 for k in (1, 3)), loudest
+    assert all(270 < loudest[k] < 430 for k in (0, 2)) and 170 < loudest[1] < 240 and 820 < loudest[3] < 980, loudest
 
 
 def test_bench_global_ships_a_third_corpus_patches_and_two_thirds_real_recordings(real, tmp_path):

@@ -11,10 +11,11 @@ What every personal detector starts from, and the bundle fedsound ships (``clien
    uploaders), with :data:`FEDERATED`; with ``--central``, also a central run with the same model over as many
    passes of the data (:data:`CENTRAL_EPOCHS`), and the gap between the two on the eval voices.
 4. ``export`` of the federated model with :data:`BUNDLE_BACKGROUND_PATCHES` background patches, the negatives of
-   every personalization: with ``--real-audio``, a third of them from the train voices' background (the mouth
-   sounds excluded) and two thirds real speech and music of the recordings' ``train`` split in equal parts
-   (:func:`data_prep.mouth_corpus.real_background_patches`), since a user's own few minutes of background hold
-   neither music nor other people's voices; without, all from the train voices. ``WORKDIR/global-bundle``;
+   every personalization: with ``--real-audio``, a sixth of them from the train voices' background (the mouth
+   sounds excluded) and five sixths real recordings, half speech and half music, of the recordings' ``train``
+   split and the ``bank`` split's music (:func:`data_prep.mouth_corpus.real_background_patches`), since a user's
+   own few minutes of background hold neither music nor other people's voices; without, all from the train
+   voices. ``WORKDIR/global-bundle``;
    ``--ship`` copies it into the package and prints its manifest's SHA-256.
 
 Each step is skipped when its output exists, and the federated run resumes where it stopped; a run directory
@@ -33,6 +34,7 @@ from clients.detector.bundle import SHIPPED_BUNDLE, ExtraBackground, export_bund
 from data_prep.mouth_corpus import (
     BACKGROUND,
     BACKGROUND_CLIPS,
+    REAL_NEGATIVES,
     TAKES_PER_SOUND,
     VOICES,
     real_background_patches,
@@ -46,8 +48,8 @@ from fl.errors import ConfigError
 from fl.rundir import RunDir
 from fl.train import evaluate_model_file, train_central
 
-BUNDLE_BACKGROUND_PATCHES = 160  # about 2 MB of float16 patches in the bundle
-REAL_BACKGROUND_SHARE = 2 / 3  # of them real speech and music, with --real-audio
+BUNDLE_BACKGROUND_PATCHES = 320  # about 4 MB of float16 patches in the bundle
+REAL_BACKGROUND_SHARE = 5 / 6  # of them real speech and music, with --real-audio
 FEDERATED = {"partition.by": "uploader", "partition.min-clips": 1, "federated.rounds": 45,
              "federated.max-pooling-rounds": 30, "federated.fraction": 0.1, "federated.local-epochs": 2,
              "train.lr": 2e-3, "train.patience": 0}
@@ -96,8 +98,8 @@ def _real_background(real_audio: Path, config: Config, progress: bool) -> ExtraB
     count = int(BUNDLE_BACKGROUND_PATCHES * REAL_BACKGROUND_SHARE)
     real = RealAudio(real_audio)
     patches = real_background_patches(real, config.frontend, count, config.seed, progress)
-    provenance = {"real_audio_manifest_sha256": real.manifest_sha256, "split": "train",
-                  "kinds": ["speech", "music"], "seed": config.seed}
+    provenance = {"real_audio_manifest_sha256": real.manifest_sha256,
+                  "sources": [f"{split} {kind}" for split, kind in REAL_NEGATIVES], "seed": config.seed}
     return ExtraBackground(patches, BACKGROUND, provenance)
 
 
