@@ -1,5 +1,5 @@
-"""Real recordings of people and music from Debian packages, split by speaker and by piece between training,
-tuning and test.
+"""Real recordings of people and music from Debian packages, split by speaker and by piece between training, a
+bank of negatives, tuning and test.
 
 The mouth-sound detector must stay silent on the speech and music around a user. Synthesis alone does not say
 whether it will: :data:`PACKAGES` are Debian packages of recorded telephone prompts (each one speaker, 8 kHz) and
