@@ -234,7 +234,7 @@ def test_the_bundles_real_background_is_train_speech_train_music_and_bank_music_
     assert all(270 < loudest[k] < 430 for k in (0, 2)) and 170 < loudest[1] < 240 and 820 < loudest[3] < 980, loudest
 
 
-def test_bench_global_ships_a_third_corpus_patches_and_two_thirds_real_recordings(real, tmp_path):
+def test_bench_global_ships_corpus_patches_then_its_share_of_real_recordings(real, tmp_path):
     from benchmarks.personalize import global_model
 
     report = global_model.build_global_model(tmp_path / "global", quick=True, progress=False, real_audio=real)
