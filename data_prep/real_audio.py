@@ -224,7 +224,8 @@ class RealAudio:
         point (continuing into the next track). DataError if the split holds no such recording."""
         by_source = self.files.get((split, kind))
         if not by_source:
-            raise DataError(f"{self.root}: no {kind} recordings in the {split} split")
+            raise DataError(f"{self.root}: no {kind} recordings in the {split} split "
+                            f"(fedsound data real-audio {self.root} fetches every split)")
         rng = np.random.default_rng(seed)
         files = by_source[self.sources(split, kind)[rng.integers(len(by_source))]]
         pieces, rate, total = [], None, 0
