@@ -31,7 +31,7 @@ bench: $(VENV)/.installed
 		$(VENV)/bin/fedsound bench $$stage --workdir work --out work/bench/$$stage.json || exit 1; \
 	done
 
-# real speech and music from Debian packages, split by speaker (apt-get download, about 440 MB; not needed by make test)
+# real speech and music from Debian packages, split by speaker (apt-get download, about 380 MB; not needed by make test)
 real-audio: $(VENV)/.installed
 	$(VENV)/bin/fedsound data real-audio work/real-audio
 

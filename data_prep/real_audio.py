@@ -3,7 +3,7 @@ bank of negatives, tuning and test.
 
 The mouth-sound detector must stay silent on the speech and music around a user. Synthesis alone does not say
 whether it will: :data:`PACKAGES` are Debian packages of recorded telephone prompts (each one speaker, 8 kHz) and
-of music (each track one piece: telephone music on hold, four games' soundtracks and a rhythm game's rock songs).
+of music (each track one piece: telephone music on hold, three games' soundtracks and a rhythm game's rock songs).
 Their split is fixed here, before any tuning, and keeps every speaker in one split (packages of one language share a
 split, in case two of them share a voice) and every piece of music in one split (a soundtrack, one composer, in one
 split):
@@ -55,26 +55,20 @@ MAX_RATE = SAMPLE_RATE  # the detector's rate: recordings above it are resampled
 
 @dataclass(frozen=True)
 class Package:
-    """A Debian package of recordings: what it holds (``speech`` or ``music``), the split of each file (``split``,
-    or per file stem in ``tracks``) and, if ``folder`` is given, the only folder of the package read (a game's
-    music beside its sound effects)."""
+    """A Debian package of recordings: what it holds (``speech`` or ``music``) and the split of each file
+    (``split``, or per file stem in ``tracks``)."""
 
     kind: str
     split: str = ""
     tracks: Mapping[str, str] | None = None
-    folder: str = ""
 
-    def split_of(self, path: Path) -> str | None:
-        """The split of the file at ``path`` (relative to the unpacked package); None for a file the package
-        should not hold."""
-        if self.folder and Path(self.folder) not in path.parents:
-            return None
-        return self.tracks.get(path.stem) if self.tracks is not None else self.split
+    def split_of(self, stem: str) -> str | None:
+        """The split of the file named ``stem``; None for a file the package should not hold."""
+        return self.tracks.get(stem) if self.tracks is not None else self.split
 
     def layout(self) -> dict:
         """What the package holds and where, as its record keeps it (a record of another layout is refetched)."""
-        layout = {"kind": self.kind, "split": self.split, "tracks": dict(self.tracks) if self.tracks else None}
-        return layout | ({"folder": self.folder} if self.folder else {})
+        return {"kind": self.kind, "split": self.split, "tracks": dict(self.tracks) if self.tracks else None}
 
 
 PACKAGES: dict[str, Package] = {
@@ -94,7 +88,6 @@ PACKAGES: dict[str, Package] = {
     "fretsonfire-songs-sectoid": Package("music", "tune"),  # four rock songs, backing and lead guitar apart
     "drascula-music": Package("music", "test"),  # 31 tracks, 47 minutes
     "wesnoth-1.16-music": Package("music", "bank"),  # 41 orchestral tracks, 2.1 hours
-    "hyperrogue-music": Package("music", "bank", folder="usr/share/hyperrogue/music"),  # 17 ambient tracks
 }
 
 
@@ -138,7 +131,7 @@ def _fetch_package(name: str, package: Package, out: Path, debs: Path) -> dict:
         sources = sorted(p for p in Path(tmp).rglob("*")
                          if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file() and not p.is_symlink())
         for source in sources:
-            split = package.split_of(source.relative_to(tmp))
+            split = package.split_of(source.stem)
             if split is None:
                 continue
             try:

@@ -29,7 +29,7 @@ PACKAGES = {
     "fake-speech-es": Package("speech", "test"),
     "fake-music": Package("music", tracks={"song-a": "train", "song-b": "test"}),
     "fake-soundtrack": Package("music", "tune"),
-    "fake-orchestra": Package("music", "bank", folder="usr/share/asterisk/music"),
+    "fake-orchestra": Package("music", "bank"),
 }
 SOUNDTRACK_RATE = 44100
 
@@ -74,7 +74,7 @@ def debs(tmp_path_factory) -> Path:
     _deb(folder, "fake-speech-en", {"sounds/en/hello.wav": _tone(300, 1.0), "sounds/en/digits/1.wav": _tone(350, 0.5),
                                     "sounds/en/empty.wav": b"", "sounds/en/bye.gsm": _tone(400, 0.8)})
     _deb(folder, "fake-speech-es", {"sounds/es/hola.wav": _tone(500, 1.2)})
-    _deb(folder, "fake-orchestra", {"music/overture.wav": _tone(900, 3.0), "sounds/click.wav": _tone(1500, 0.1)})
+    _deb(folder, "fake-orchestra", {"music/overture.wav": _tone(900, 3.0)})
     _deb(folder, "fake-music", {"moh/song-a.wav": _tone(200, 3.0), "moh/song-b.wav": _tone(600, 2.0),
                                 "moh/song-c.wav": _tone(700, 1.0)})
     theme = np.sin(2 * np.pi * 440 * np.arange(2 * SOUNDTRACK_RATE) / SOUNDTRACK_RATE).astype(np.float32) * 0.5
@@ -102,9 +102,6 @@ def test_each_package_is_unpacked_into_its_split_and_the_empty_prompt_listed(rea
     assert sum(f["seconds"] for f in english["files"]) == pytest.approx(2.3, abs=0.01)
     music = {Path(f["path"]).stem: f["split"] for f in manifest["fake-music"]["files"]}
     assert music == {"song-a": "train", "song-b": "test"}  # song-c belongs to no split: left out
-    orchestra = manifest["fake-orchestra"]  # a game's music is read, not its sound effects beside it
-    assert [f["path"] for f in orchestra["files"]] == ["bank/fake-orchestra/usr/share/asterisk/music/overture.wav"]
-    assert orchestra["layout"]["folder"] == "usr/share/asterisk/music" and "folder" not in english["layout"]
     audio = RealAudio(real)
     assert audio.sources("train", "speech") == ["fake-speech-en"] and audio.sources("test", "speech") == [
         "fake-speech-es"]
