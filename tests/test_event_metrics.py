@@ -2,7 +2,13 @@
 
 import pytest
 
-from clients.detector.event_metrics import EventCounts, event_counts, false_triggers_per_hour, match_onsets
+from clients.detector.event_metrics import (
+    EventCounts,
+    event_counts,
+    false_trigger_interval,
+    false_triggers_per_hour,
+    match_onsets,
+)
 
 
 def test_collar_is_inclusive_at_100_ms():
@@ -53,3 +59,16 @@ def test_false_triggers_per_hour():
         false_triggers_per_hour(1, 0.0)
     with pytest.raises(ValueError, match="collar"):
         match_onsets([1.0], [1.0], collar_s=-0.1)
+
+
+def test_the_false_trigger_interval_is_the_exact_poisson_one():
+    # none in an hour: from 0 up to -ln(0.025) = 3.689 an hour; three in an hour: 0.619 to 8.767 (Garwood's tables)
+    assert false_trigger_interval(0, 3600.0) == pytest.approx((0.0, 3.6889), abs=1e-4)
+    assert false_trigger_interval(3, 3600.0) == pytest.approx((0.6187, 8.7673), abs=1e-4)
+    # the same count in half the time: twice the rate and twice the bounds
+    assert false_trigger_interval(3, 1800.0) == pytest.approx((1.2375, 17.5346), abs=1e-3)
+    low, high = false_trigger_interval(29, 9000.0, level=0.5)
+    assert low < false_triggers_per_hour(29, 9000.0) < high and high - low < 4.0
+    assert false_trigger_interval(0, 12 * 3600.0)[1] > 0.3 > false_trigger_interval(0, 12.5 * 3600.0)[1]
+    with pytest.raises(ValueError, match="seconds"):
+        false_trigger_interval(1, 0.0)

@@ -585,6 +585,11 @@ def test_personalize_bench_quick_reports_each_user_and_the_pool_and_resumes(tmp_
     assert 0.0 <= own["untuned_held_out_f1"] <= 1.0 and own["fine_tune_seconds"] > 0
     table = capsys.readouterr().out
     assert f"per user (precision/recall/false triggers): {seed} " in table and "targets: precision >= 0.95" in table
+    synthetic = pooled["by_source"]["synthetic"]
+    low, high = synthetic["interval_per_hour"]
+    assert low <= synthetic["false_triggers_per_hour"] < high
+    assert (f"false triggers per hour by source (95% interval): synthetic {synthetic['false_triggers_per_hour']:.2f} "
+            f"({synthetic['false_triggers']} in 0.05 h; {low:.2g}-{high:.2g})") in table
     # the operating points rerun the post-processing over saved probabilities: at the picked settings they
     # reproduce the bench's own figures
     ten = user["10_examples"]

@@ -214,9 +214,11 @@ def test_the_bench_plays_the_test_split_in_the_users_room_and_counts_each_source
                       {"pop": {"real speech": 2, "speech": 1}, "hum": {"real music": 1, "floor": 3}}, 9000.0,
                       {"real speech": 3600.0, "real music": 1800.0})
     rates = quality.rates_by_source()
-    assert rates["real speech"] == {"false_triggers": 2, "hours": 1.0, "false_triggers_per_hour": 2.0}
+    assert rates["real speech"] == {"false_triggers": 2, "hours": 1.0, "false_triggers_per_hour": 2.0,
+                                    "interval_per_hour": pytest.approx([0.2422, 7.2247], abs=1e-4)}
     assert rates["real music"]["false_triggers_per_hour"] == 2.0
-    assert rates["synthetic"] == {"false_triggers": 4, "hours": 1.0, "false_triggers_per_hour": 4.0}
+    assert rates["real music"]["interval_per_hour"] == pytest.approx([0.0506, 11.1433], abs=1e-4)  # 1 in half an hour
+    assert rates["synthetic"]["false_triggers"] == 4 and rates["synthetic"]["false_triggers_per_hour"] == 4.0
     pooled = (quality + quality).figures()["by_source"]
     assert pooled["real speech"]["hours"] == 2.0 and pooled["synthetic"]["false_triggers"] == 8
 

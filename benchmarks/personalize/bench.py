@@ -66,7 +66,13 @@ from benchmarks.personalize.tradeoff import (
 )
 from clients.detector.bundle import Bundle, load_bundle, shipped_bundle
 from clients.detector.enroll import enroll
-from clients.detector.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
+from clients.detector.event_metrics import (
+    COLLAR_S,
+    EventCounts,
+    event_counts,
+    false_trigger_interval,
+    false_triggers_per_hour,
+)
 from clients.detector.personalize import PersonalizeConfig, load_personalize_config, personalize
 from clients.detector.postprocess import EventTracker
 from clients.detector.torch_stream import frame_probabilities
@@ -252,16 +258,17 @@ class Quality:
         return cls({name: EventCounts(*c) for name, c in data["counts"].items()}, data["latencies"],
                    data["triggers"], data["seconds"], data.get("real_seconds", {}))
 
-    def rates_by_source(self) -> dict[str, dict[str, float]]:
-        """False triggers, hours and triggers per hour on the synthetic aggressor audio and on each kind of real
-        recording (:data:`REAL_KINDS`)."""
+    def rates_by_source(self) -> dict[str, dict[str, Any]]:
+        """False triggers, hours and triggers per hour (with its 95% interval) on the synthetic aggressor audio and
+        on each kind of real recording (:data:`REAL_KINDS`)."""
         triggers = Counter()
         for kinds in self.triggers.values():
             for kind, n in kinds.items():
                 triggers[kind if kind in REAL_KINDS_BY_NAME else SYNTHETIC] += n
         seconds = {SYNTHETIC: self.seconds - sum(self.real_seconds.values()), **self.real_seconds}
         return {source: {"false_triggers": triggers[source], "hours": s / 3600.0,
-                         "false_triggers_per_hour": false_triggers_per_hour(triggers[source], s)}
+                         "false_triggers_per_hour": false_triggers_per_hour(triggers[source], s),
+                         "interval_per_hour": list(false_trigger_interval(triggers[source], s))}
                 for source, s in seconds.items() if s > 0}
 
     def figures(self) -> dict[str, Any]:
@@ -546,6 +553,11 @@ def _mark(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
 
+def _interval(rates: Mapping[str, Any]) -> str:
+    low, high = rates["interval_per_hour"]
+    return f"; {low:.2g}-{high:.2g}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The benchmark's figures as text: pooled over the users, then each user's."""
     streams = [user["test_stream"] for user in report["users"].values()]
@@ -568,8 +580,8 @@ def format_table(report: dict[str, Any]) -> str:
                               for name, v in row["per_sound"].items())
         lines.append(f"{'':>8} per sound (precision/recall/latency ms): {per_sound}")
         by_source = ", ".join(f"{source} {v['false_triggers_per_hour']:.2f} ({v['false_triggers']} in "
-                              f"{v['hours']:.2f} h)" for source, v in row.get("by_source", {}).items())
-        lines.append(f"{'':>8} false triggers per hour by source: {by_source}")
+                              f"{v['hours']:.2f} h{_interval(v)})" for source, v in row.get("by_source", {}).items())
+        lines.append(f"{'':>8} false triggers per hour by source (95% interval): {by_source}")
         by_user = ", ".join(f"{seed} {user[key]['precision']:.2f}/{user[key]['recall']:.2f}/"
                             f"{user[key]['false_triggers']}" for seed, user in report["users"].items())
         lines.append(f"{'':>8} per user (precision/recall/false triggers): {by_user}")

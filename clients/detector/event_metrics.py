@@ -1,4 +1,5 @@
-"""Event-level detection metrics: onset matching within a collar, precision, recall, F1, false triggers per hour.
+"""Event-level detection metrics: onset matching within a collar, precision, recall, F1, false triggers per hour
+with their confidence interval.
 
 A detected event matches a reference event of the same label when their onsets differ by at most the collar
 (100 ms by default; offsets are not evaluated: a trigger is judged by when it fires). Matching is one-to-one
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_bipartite_matching
+from scipy.stats import chi2
 
 COLLAR_S = 0.1
 OVERALL = "overall"
@@ -103,3 +105,15 @@ def false_triggers_per_hour(n_triggers: int, seconds: float) -> float:
     if seconds <= 0:
         raise ValueError(f"seconds must be positive, got {seconds}")
     return n_triggers * 3600.0 / seconds
+
+
+def false_trigger_interval(n_triggers: int, seconds: float, level: float = 0.95) -> tuple[float, float]:
+    """The exact (Garwood) ``level`` confidence interval of a false-trigger rate per hour, given ``n_triggers`` in
+    ``seconds``: how low or high the rate of a detector that triggered so may be. None in an hour still allows up to
+    3.7 an hour; showing a rate of at most 0.3 an hour takes more than 12 hours without one."""
+    if seconds <= 0:
+        raise ValueError(f"seconds must be positive, got {seconds}")
+    tail = (1.0 - level) / 2.0
+    low = chi2.ppf(tail, 2 * n_triggers) / 2.0 if n_triggers > 0 else 0.0
+    high = chi2.ppf(1.0 - tail, 2 * n_triggers + 2) / 2.0
+    return float(low * 3600.0 / seconds), float(high * 3600.0 / seconds)
