@@ -72,3 +72,5 @@ def test_the_false_trigger_interval_is_the_exact_poisson_one():
     assert false_trigger_interval(0, 12 * 3600.0)[1] > 0.3 > false_trigger_interval(0, 12.5 * 3600.0)[1]
     with pytest.raises(ValueError, match="seconds"):
         false_trigger_interval(1, 0.0)
+    with pytest.raises(ValueError, match="level must be between 0 and 1, got 95"):
+        false_trigger_interval(1, 3600.0, level=95)
