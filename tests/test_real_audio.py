@@ -218,7 +218,8 @@ def test_the_bench_plays_the_test_split_in_the_users_room_and_counts_each_source
                                     "interval_per_hour": pytest.approx([0.2422, 7.2247], abs=1e-4)}
     assert rates["real music"]["false_triggers_per_hour"] == 2.0
     assert rates["real music"]["interval_per_hour"] == pytest.approx([0.0506, 11.1433], abs=1e-4)  # 1 in half an hour
-    assert rates["synthetic"]["false_triggers"] == 4 and rates["synthetic"]["false_triggers_per_hour"] == 4.0
+    assert rates["synthetic"] == {"false_triggers": 4, "hours": 1.0, "false_triggers_per_hour": 4.0,
+                                  "interval_per_hour": pytest.approx([1.0899, 10.2416], abs=1e-4)}
     pooled = (quality + quality).figures()["by_source"]
     assert pooled["real speech"]["hours"] == 2.0 and pooled["synthetic"]["false_triggers"] == 8
 

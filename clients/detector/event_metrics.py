@@ -111,11 +111,10 @@ def false_trigger_interval(n_triggers: int, seconds: float, level: float = 0.95)
     """The exact (Garwood) ``level`` confidence interval of a false-trigger rate per hour, given ``n_triggers`` in
     ``seconds``: how low or high the rate of a detector that triggered so may be. None in an hour still allows up to
     3.7 an hour; showing a rate of at most 0.3 an hour takes more than 12 hours without one."""
-    if seconds <= 0:
-        raise ValueError(f"seconds must be positive, got {seconds}")
+    per_hour = false_triggers_per_hour(1, seconds)  # refuses seconds <= 0
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be between 0 and 1, got {level}")
     tail = (1.0 - level) / 2.0
     low = chi2.ppf(tail, 2 * n_triggers) / 2.0 if n_triggers > 0 else 0.0
     high = chi2.ppf(1.0 - tail, 2 * n_triggers + 2) / 2.0
-    return float(low * 3600.0 / seconds), float(high * 3600.0 / seconds)
+    return float(low * per_hour), float(high * per_hour)
