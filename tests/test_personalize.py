@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from clients.detector import bundle as bundle_module
 from clients.detector.bundle import load_bundle, write_bundle
+from clients.detector.checkpoint import CHECKPOINT_NAME, FineTuneCheckpoint
 from clients.detector.enroll import enroll
 from clients.detector.listen import listen
 from clients.detector.personalize import (
@@ -23,6 +25,7 @@ from clients.detector.personalize import (
     ValidationStream,
     detector_settings,
     fine_tune,
+    format_report,
     held_runs_ms,
     label_take,
     load_personalize_config,
@@ -202,6 +205,136 @@ def test_head_warmup_trains_the_head_alone_before_the_adapted_layers(offline_run
         assert all(torch.equal(after[k], before[k]) for k in after if k.startswith(("input_", "blocks.0", "blocks.1")))
         heads[warmup] = after["head.weight"].clone()
     assert not torch.equal(heads[0], heads[3])
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, saves: int) -> list[tuple[str, int]]:
+    """Make every FineTuneCheckpoint raise KeyboardInterrupt right after its ``saves``-th save (a kill)."""
+    done: list[tuple[str, int]] = []
+    save = FineTuneCheckpoint.save
+
+    def save_then_stop(self, phase, step, *args):
+        save(self, phase, step, *args)
+        done.append((phase, step))
+        if len(done) == saves:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(FineTuneCheckpoint, "save", save_then_stop)
+    return done
+
+
+@pytest.mark.parametrize("saves, where", [(1, ("head", 5)), (2, ("head", 10)), (4, ("adapt", 10))])
+def test_an_interrupted_fine_tune_resumes_to_the_same_model(offline_run, tmp_path, monkeypatch, saves, where):
+    base = load_bundle(offline_run["bundle"])
+    data = prepare_data(Profile.load(offline_run["profile"]), base, SMALL, 0)
+    settings = dataclasses.replace(SMALL, steps=40, head_warmup_steps=10)
+
+    def dropout_model():  # dropout draws from torch's generator, which the checkpoint must carry too
+        fresh = new_head_model(base, len(data.sounds), 0)
+        model = TCN(dataclasses.replace(fresh.config, dropout=0.3), fresh.n_mels, fresh.n_classes)
+        model.load_state_dict(fresh.state_dict())
+        return model
+
+    whole = dropout_model()
+    whole_loss = fine_tune(whole, data, settings, 0)
+    path = tmp_path / "checkpoint.pt"
+    with monkeypatch.context() as patch:
+        done = _interrupt_after(patch, saves)
+        with pytest.raises(KeyboardInterrupt):
+            fine_tune(dropout_model(), data, settings, 0, checkpoint=FineTuneCheckpoint(path, "key", every=5))
+    assert done[-1] == where and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    checkpoint = FineTuneCheckpoint(path, "key", every=5)
+    resumed = dropout_model()
+    assert fine_tune(resumed, data, settings, 0, checkpoint=checkpoint) == whole_loss
+    assert (checkpoint.resumed.phase, checkpoint.resumed.step) == where and checkpoint.discarded is None
+    assert all(torch.equal(v, whole.state_dict()[k]) for k, v in resumed.state_dict().items())
+
+
+def test_a_checkpoint_of_other_inputs_or_damaged_is_set_aside(offline_run, tmp_path, monkeypatch):
+    base = load_bundle(offline_run["bundle"])
+    data = prepare_data(Profile.load(offline_run["profile"]), base, SMALL, 0)
+    settings = dataclasses.replace(SMALL, steps=6, head_warmup_steps=2)
+    path = tmp_path / "checkpoint.pt"
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            fine_tune(new_head_model(base, len(data.sounds), 0), data, settings, 0,
+                      checkpoint=FineTuneCheckpoint(path, "key", every=2))
+    other = FineTuneCheckpoint(path, "other key")
+    assert other.load() is None and other.discarded == f"{path}: made from other takes, global bundle, settings or seed"
+    path.write_bytes(path.read_bytes()[:200])
+    damaged = FineTuneCheckpoint(path, "key")
+    whole, model = new_head_model(base, len(data.sounds), 0), new_head_model(base, len(data.sounds), 0)
+    assert fine_tune(model, data, settings, 0, checkpoint=damaged) == fine_tune(whole, data, settings, 0)
+    assert damaged.resumed is None and str(path) in damaged.discarded and "truncated" in damaged.discarded
+    assert all(torch.equal(v, whole.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_personalize_resumes_after_a_kill_and_removes_its_checkpoint(offline_run, tmp_path, monkeypatch):
+    """A killed `fedsound personalize` leaves a private checkpoint; run again, it resumes to the same bundle."""
+    import shutil
+
+    runs = {}
+    for name in ("whole", "killed"):
+        profile = tmp_path / name
+        shutil.copytree(offline_run["profile"], profile)
+        shutil.rmtree(profile / "personal")
+        runs[name] = profile
+    personalize(runs["whole"], offline_run["bundle"], Config(seed=0), progress=False, settings=SMALL)
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 2)  # saves: the head phase's end (step 30), then adapt step 100
+        with pytest.raises(KeyboardInterrupt):
+            personalize(runs["killed"], offline_run["bundle"], Config(seed=0), progress=False, settings=SMALL)
+    assert (runs["killed"] / CHECKPOINT_NAME).is_file() and not (runs["killed"] / "personal").exists()
+    report = personalize(runs["killed"], offline_run["bundle"], Config(seed=0), progress=False, settings=SMALL)
+    assert report["resumed"] == {"phase": "adapt", "step": 100} and report["checkpoint_discarded"] is None
+    assert "resumed an interrupted fine-tune at step 100 of its adapt phase" in format_report(report)
+    assert not (runs["killed"] / CHECKPOINT_NAME).exists()
+    weights = [torch.load(runs[name] / "personal" / "weights.pt", weights_only=True) for name in ("whole", "killed")]
+    assert all(torch.equal(v, weights[0][k]) for k, v in weights[1].items())
+
+
+def test_sigterm_stops_fedsound_personalize_and_a_second_run_resumes_it(offline_run, tmp_path):
+    """As a user would meet it: the laptop's personalization is stopped between checkpoints, then run again."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "small.toml"
+    config.write_text("[personalize]\nsteps = 200\nhead-warmup-steps = 30\nbatch-size = 8\nsequence-frames = 200\n"
+                      "lr = 3e-3\nmin-duration-ms = 60.0\n")
+    profiles = {}
+    for name in ("whole", "stopped"):
+        profiles[name] = tmp_path / name
+        shutil.copytree(offline_run["profile"], profiles[name])
+        shutil.rmtree(profiles[name] / "personal")
+
+    def argv(name):
+        return [sys.executable, "-m", "fedsound.cli", "personalize", str(profiles[name]), "--bundle",
+                str(offline_run["bundle"]), "--config", str(config), "--workdir", str(tmp_path / "w"), "-q"]
+
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run(argv("whole"), cwd=repo, check=True, capture_output=True, timeout=600)
+    process = subprocess.Popen(argv("stopped"), cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (profiles["stopped"] / CHECKPOINT_NAME).exists():
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM and "terminated" in stderr and "Traceback" not in stderr
+    assert not (profiles["stopped"] / "personal").exists()
+    again = subprocess.run(argv("stopped"), cwd=repo, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "resumed an interrupted fine-tune at step" in again.stdout, again.stderr
+    assert not (profiles["stopped"] / CHECKPOINT_NAME).exists()
+    weights = [torch.load(profiles[name] / "personal" / "weights.pt", weights_only=True) for name in profiles]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(v, weights[0][k]) for k, v in weights[1].items())
 
 
 def test_distillation_keeps_the_global_heads_outputs(offline_run):

@@ -94,6 +94,7 @@ from torch import nn
 from tqdm import tqdm
 
 from clients.detector.bundle import Bundle, load_bundle, shipped_bundle, write_bundle
+from clients.detector.checkpoint import FineTuneCheckpoint, Progress
 from clients.detector.event_metrics import COLLAR_S, EventCounts, event_counts, false_triggers_per_hour
 from clients.detector.postprocess import EventTracker, to_frames
 from clients.detector.profile import Profile, make_private_tree
@@ -372,11 +373,14 @@ def _trainable(model: TCN, adapt: str) -> tuple[list[nn.Module], list[nn.Module]
 
 
 def _train_steps(model: TCN, data: PersonalData, settings: PersonalizeConfig, rng: np.random.Generator, adapt: str,
-                 steps: int, cosine: bool, progress: bool, teacher: TCN | None = None) -> list[float]:
+                 steps: int, cosine: bool, progress: bool, teacher: TCN | None = None,
+                 checkpoint: FineTuneCheckpoint | None = None, phase: str = "adapt",
+                 resume: Progress | None = None) -> list[float]:
     """``steps`` Adam steps of the ``adapt`` weights (the rest frozen), with a cosine schedule or a constant
     learning rate; returns the losses. With a ``teacher`` (the frozen global model), ``distill-weight`` times
     the Learning-without-Forgetting loss is added: the teacher's head on ``model``'s features against the
-    teacher's own outputs."""
+    teacher's own outputs. With a ``checkpoint`` the state is saved as ``phase`` when it is due; ``resume``
+    (saved progress of this phase) continues from its step."""
     adapted, frozen = _trainable(model, adapt)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -387,11 +391,21 @@ def _train_steps(model: TCN, data: PersonalData, settings: PersonalizeConfig, rn
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine else None
     weight = torch.ones(len(data.sounds) + 1)
     weight[1:] = settings.positive_weight
-    losses = []
+    losses: list[float] = []
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume.state["model"])
+        optimizer.load_state_dict(resume.state["optimizer"])
+        if schedule is not None:
+            schedule.load_state_dict(resume.state["schedule"])
+        rng.bit_generator.state = resume.state["numpy_rng"]
+        torch.set_rng_state(resume.state["torch_rng"])
+        start, losses = resume.step, list(resume.state["losses"])
     model.train()
     for module in frozen:
         module.eval()
-    for _ in tqdm(range(steps), disable=not progress, desc=f"personalize ({adapt})", leave=False):
+    for step in tqdm(range(start, steps), initial=start, total=steps, disable=not progress,
+                     desc=f"personalize ({adapt})", leave=False):
         x, target, mask = make_batch(rng, data, settings)
         frames = mask.sum().clamp(min=1)
         features = model.features(x)
@@ -410,6 +424,8 @@ def _train_steps(model: TCN, data: PersonalData, settings: PersonalizeConfig, rn
         if schedule is not None:
             schedule.step()
         losses.append(loss.item())
+        if checkpoint is not None and checkpoint.due(step + 1, steps):
+            checkpoint.save(phase, step + 1, model, optimizer, schedule, rng, losses)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
@@ -417,21 +433,26 @@ def _train_steps(model: TCN, data: PersonalData, settings: PersonalizeConfig, rn
 
 
 def fine_tune(model: TCN, data: PersonalData, settings: PersonalizeConfig, seed: int, progress: bool = False,
-              teacher: TCN | None = None) -> float:
+              teacher: TCN | None = None, checkpoint: FineTuneCheckpoint | None = None) -> float:
     """Train ``model`` in place: ``head-warmup-steps`` steps of the new head alone at a constant learning rate
     (LP-FT: a head that already fits moves the pretrained body less, which then keeps more of what it knew
     about sounds the user never enrolled), then ``steps`` steps of the ``adapt`` weights on a cosine schedule,
     with the Learning-without-Forgetting term when ``distill-weight`` > 0 (``teacher``: the global model it
-    starts from, required then; a frozen copy of it is used, the model given is left as it was). Returns the
-    mean loss of the last 10% of those steps."""
+    starts from, required then; a frozen copy of it is used, the model given is left as it was). With a
+    ``checkpoint`` the progress is saved as it goes and a matching saved one is resumed, to the same model as
+    an uninterrupted run. Returns the mean loss of the last 10% of those steps."""
     if settings.distill_weight > 0 and teacher is None:
         raise ValueError("distill-weight > 0 needs the global model as teacher")
     rng = np.random.default_rng([seed, 2])
     torch.manual_seed(seed)
-    if settings.head_warmup_steps:
-        _train_steps(model, data, settings, rng, "head", settings.head_warmup_steps, False, progress)
+    resume = checkpoint.load() if checkpoint is not None else None
+    if settings.head_warmup_steps and (resume is None or resume.phase == "head"):
+        _train_steps(model, data, settings, rng, "head", settings.head_warmup_steps, False, progress,
+                     checkpoint=checkpoint, phase="head", resume=resume)
+    adapt_resume = resume if resume is not None and resume.phase == "adapt" else None
     teacher = copy.deepcopy(teacher).eval().requires_grad_(False) if settings.distill_weight > 0 else None
-    losses = _train_steps(model, data, settings, rng, settings.adapt, settings.steps, True, progress, teacher)
+    losses = _train_steps(model, data, settings, rng, settings.adapt, settings.steps, True, progress, teacher,
+                          checkpoint=checkpoint, resume=adapt_resume)
     return float(np.mean(losses[-max(1, len(losses) // 10) :]))
 
 
@@ -716,7 +737,8 @@ def _personalize(profile: Path, bundle: Path | None, config: Config, progress: b
     durations = min_durations(data.segment_s, settings)
     untuned_f1, *_ = _held_out_f1(model, stream, data, settings, base.detector, durations)
     train_started = time.perf_counter()
-    loss = fine_tune(model, data, settings, config.seed, progress, teacher=base.model)
+    checkpoint = FineTuneCheckpoint.for_profile(store, base.manifest["manifest_sha256"], settings, config.seed)
+    loss = fine_tune(model, data, settings, config.seed, progress, teacher=base.model, checkpoint=checkpoint)
     train_seconds = time.perf_counter() - train_started
     calibrated = calibrate(model, stream, data, settings, base.detector, durations)
     f1, detector, counts, per_hour = calibrated[settings.latency]
@@ -731,6 +753,8 @@ def _personalize(profile: Path, bundle: Path | None, config: Config, progress: b
                  [f"user:{name}" for name in data.sounds], detector, provenance=provenance,
                  portable=base.manifest.get("portable") is not None)
     make_private_tree(store.personal_dir)
+    checkpoint.clear()
+    resumed = checkpoint.resumed
     return {
         "profile": str(store.path),
         "bundle": str(store.personal_dir),
@@ -738,6 +762,8 @@ def _personalize(profile: Path, bundle: Path | None, config: Config, progress: b
         "adapt": settings.adapt,
         "steps": settings.steps,
         "loss": loss,
+        "resumed": {"phase": resumed.phase, "step": resumed.step} if resumed else None,
+        "checkpoint_discarded": checkpoint.discarded,
         "sounds": {name: {**data.counts[name], "on_threshold": detector.class_thresholds[name][0],
                           "off_threshold": detector.class_thresholds[name][1],
                           "min_duration_ms": detector.class_min_duration_ms[name], **counts[name].to_dict()}
@@ -760,9 +786,14 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines = [f"personal detector: {report['bundle']} (latency {report['latency']}; from {report['base_bundle']}, "
              f"adapt {report['adapt']}, "
              f"{report['steps']} steps, {report['train_seconds']:.1f} s of training, {report['seconds']:.1f} s "
-             "in all)",
-             f"{'sound':<12} {'examples':>8} {'held out':>8} {'on':>5} {'off':>5} {'hold ms':>7} {'precision':>9} "
-             f"{'recall':>6}"]
+             "in all)"]
+    if report.get("resumed"):
+        phase, step = report["resumed"]["phase"], report["resumed"]["step"]
+        lines.append(f"resumed an interrupted fine-tune at step {step} of its {phase} phase")
+    if report.get("checkpoint_discarded"):
+        lines.append(f"started over: {report['checkpoint_discarded']}")
+    lines.append(f"{'sound':<12} {'examples':>8} {'held out':>8} {'on':>5} {'off':>5} {'hold ms':>7} "
+                 f"{'precision':>9} {'recall':>6}")
     for name, row in report["sounds"].items():
         lines.append(f"{name:<12} {row['examples']:>8} {row['held_out']:>8} {row['on_threshold']:>5.2f} "
                      f"{row['off_threshold']:>5.2f} {row['min_duration_ms']:>7.0f} {row['precision']:>9.2f} "

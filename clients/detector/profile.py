@@ -7,6 +7,7 @@ Layout (format ``fedsound-profile``, version ``VERSION``)::
       sounds/<sound>/0001.wav     0600  one take per file (PCM 16-bit, mono, at the rate it was recorded)
       background/0001.wav         0600  background material: room noise, the user's own speech
       personal/                   0700  the personal detector bundle written by ``fedsound personalize``
+      personalize-checkpoint.pt   0600  an unfinished fine-tune (clients/detector/checkpoint.py)
 
 ``profile.json``: ``{"format", "version", "sounds": {sound: [example, ...]}, "background": [example, ...]}``
 where an example is ``{"file" (relative), "sample_rate", "seconds", "segments" ([[onset_s, offset_s], ...],
