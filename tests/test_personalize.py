@@ -3,8 +3,13 @@
 import dataclasses
 import json
 import os
+import shutil
+import signal
 import socket
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +19,7 @@ import torch
 
 from clients.detector import bundle as bundle_module
 from clients.detector.bundle import load_bundle, write_bundle
-from clients.detector.checkpoint import CHECKPOINT_NAME, FineTuneCheckpoint
+from clients.detector.checkpoint import CHECKPOINT_NAME, FineTuneCheckpoint, training_key
 from clients.detector.enroll import enroll
 from clients.detector.listen import listen
 from clients.detector.personalize import (
@@ -212,7 +217,7 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, saves: int) -> list[tuple[
     done: list[tuple[str, int]] = []
     save = FineTuneCheckpoint.save
 
-    def save_then_stop(self, phase, step, *args):
+    def save_then_stop(self: FineTuneCheckpoint, phase: str, step: int, *args: object) -> None:
         save(self, phase, step, *args)
         done.append((phase, step))
         if len(done) == saves:
@@ -249,30 +254,60 @@ def test_an_interrupted_fine_tune_resumes_to_the_same_model(offline_run, tmp_pat
     assert all(torch.equal(v, whole.state_dict()[k]) for k, v in resumed.state_dict().items())
 
 
-def test_a_checkpoint_of_other_inputs_or_damaged_is_set_aside(offline_run, tmp_path, monkeypatch):
+def test_a_checkpoint_of_other_inputs_damaged_or_not_fitting_is_deleted_and_the_fine_tune_starts_over(
+        offline_run, tmp_path, monkeypatch):
     base = load_bundle(offline_run["bundle"])
     data = prepare_data(Profile.load(offline_run["profile"]), base, SMALL, 0)
     settings = dataclasses.replace(SMALL, steps=6, head_warmup_steps=2)
     path = tmp_path / "checkpoint.pt"
-    with monkeypatch.context() as patch:
-        _interrupt_after(patch, 2)
-        with pytest.raises(KeyboardInterrupt):
-            fine_tune(new_head_model(base, len(data.sounds), 0), data, settings, 0,
-                      checkpoint=FineTuneCheckpoint(path, "key", every=2))
-    other = FineTuneCheckpoint(path, "other key")
-    assert other.load() is None and other.discarded == f"{path}: made from other takes, global bundle, settings or seed"
+
+    def interrupted(model: TCN, settings: PersonalizeConfig, saves: int = 2) -> None:
+        path.unlink(missing_ok=True)  # the last run's finished checkpoint: this one starts afresh
+        with monkeypatch.context() as patch:
+            _interrupt_after(patch, saves)
+            with pytest.raises(KeyboardInterrupt):
+                fine_tune(model, data, settings, 0, checkpoint=FineTuneCheckpoint(path, "key", every=2))
+
+    def misfit(checkpoint: FineTuneCheckpoint, model: TCN, settings: PersonalizeConfig) -> str:
+        """Why ``checkpoint`` was deleted; the fine-tune it was given to gave the uninterrupted result."""
+        whole = new_head_model(base, len(data.sounds), 0)
+        assert fine_tune(model, data, settings, 0, checkpoint=checkpoint) == fine_tune(whole, data, settings, 0)
+        assert all(torch.equal(v, whole.state_dict()[k]) for k, v in model.state_dict().items())
+        assert checkpoint.resumed is None
+        return checkpoint.discarded
+
+    interrupted(new_head_model(base, len(data.sounds), 0), settings)
+    assert misfit(FineTuneCheckpoint(path, "other key"), new_head_model(base, len(data.sounds), 0), settings) == (
+        f"{path}: made from other takes, global bundle, training settings, seed or code")
+    interrupted(new_head_model(base, len(data.sounds), 0), settings)
+    stale = FineTuneCheckpoint(path, "other key")
+    assert stale.load(new_head_model(base, len(data.sounds), 0), {"head": 2, "adapt": 6}) is None
+    assert stale.discarded is not None and not path.exists()  # deleted, not left to linger
+    interrupted(new_head_model(base, len(data.sounds), 0), settings)
     path.write_bytes(path.read_bytes()[:200])
-    damaged = FineTuneCheckpoint(path, "key")
-    whole, model = new_head_model(base, len(data.sounds), 0), new_head_model(base, len(data.sounds), 0)
-    assert fine_tune(model, data, settings, 0, checkpoint=damaged) == fine_tune(whole, data, settings, 0)
-    assert damaged.resumed is None and str(path) in damaged.discarded and "truncated" in damaged.discarded
-    assert all(torch.equal(v, whole.state_dict()[k]) for k, v in model.state_dict().items())
+    why = misfit(FineTuneCheckpoint(path, "key"), new_head_model(base, len(data.sounds), 0), settings)
+    assert why.startswith(f"not a fedsound fine-tune checkpoint: {path}") and "truncated" in why
+    narrow = new_head_model(base, len(data.sounds), 0)  # a body of 8 channels, then the bundle's 16
+    interrupted(TCN(dataclasses.replace(narrow.config, channels=8), narrow.n_mels, narrow.n_classes), settings)
+    assert misfit(FineTuneCheckpoint(path, "key"), new_head_model(base, len(data.sounds), 0), settings) == (
+        f"{path}: weights do not fit the model")
+    interrupted(new_head_model(base, len(data.sounds), 0), settings, 1)  # a head-phase point, then no head phase
+    assert misfit(FineTuneCheckpoint(path, "key"), new_head_model(base, len(data.sounds), 0),
+                  dataclasses.replace(settings, head_warmup_steps=0)) == (
+        f"{path}: phase 'head' and step 2 are not a point of this fine-tune")
+
+
+def test_the_key_keeps_a_checkpoint_across_calibration_settings_only(offline_run):
+    profile = Profile.load(offline_run["profile"])
+    key = training_key(profile, "sha", SMALL, 0)
+    assert training_key(profile, "sha", dataclasses.replace(SMALL, latency="fast", off_ratio=0.8), 0) == key
+    for other in (training_key(profile, "sha", dataclasses.replace(SMALL, lr=1e-3), 0),
+                  training_key(profile, "sha", SMALL, 1), training_key(profile, "other sha", SMALL, 0)):
+        assert other != key
 
 
 def test_personalize_resumes_after_a_kill_and_removes_its_checkpoint(offline_run, tmp_path, monkeypatch):
     """A killed `fedsound personalize` leaves a private checkpoint; run again, it resumes to the same bundle."""
-    import shutil
-
     runs = {}
     for name in ("whole", "killed"):
         profile = tmp_path / name
@@ -295,12 +330,6 @@ def test_personalize_resumes_after_a_kill_and_removes_its_checkpoint(offline_run
 
 def test_sigterm_stops_fedsound_personalize_and_a_second_run_resumes_it(offline_run, tmp_path):
     """As a user would meet it: the laptop's personalization is stopped between checkpoints, then run again."""
-    import shutil
-    import signal
-    import subprocess
-    import sys
-    import time
-
     config = tmp_path / "small.toml"
     config.write_text("[personalize]\nsteps = 200\nhead-warmup-steps = 30\nbatch-size = 8\nsequence-frames = 200\n"
                       "lr = 3e-3\nmin-duration-ms = 60.0\n")
@@ -309,17 +338,21 @@ def test_sigterm_stops_fedsound_personalize_and_a_second_run_resumes_it(offline_
         profiles[name] = tmp_path / name
         shutil.copytree(offline_run["profile"], profiles[name])
         shutil.rmtree(profiles[name] / "personal")
+    checkpoint = profiles["stopped"] / CHECKPOINT_NAME
 
-    def argv(name):
+    def argv(name: str) -> list[str]:
         return [sys.executable, "-m", "fedsound.cli", "personalize", str(profiles[name]), "--bundle",
                 str(offline_run["bundle"]), "--config", str(config), "--workdir", str(tmp_path / "w"), "-q"]
+
+    def saved_phase() -> str | None:
+        return torch.load(checkpoint, weights_only=True)["phase"] if checkpoint.exists() else None
 
     repo = Path(__file__).resolve().parent.parent
     subprocess.run(argv("whole"), cwd=repo, check=True, capture_output=True, timeout=600)
     process = subprocess.Popen(argv("stopped"), cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (profiles["stopped"] / CHECKPOINT_NAME).exists():
+        deadline = time.monotonic() + 600
+        while saved_phase() != "adapt":  # killed within the adapt phase, after its first save (step 100 of 200)
             assert process.poll() is None, process.communicate()[1]
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -329,9 +362,11 @@ def test_sigterm_stops_fedsound_personalize_and_a_second_run_resumes_it(offline_
         process.kill()
     assert process.returncode == 128 + signal.SIGTERM and "terminated" in stderr and "Traceback" not in stderr
     assert not (profiles["stopped"] / "personal").exists()
+    step = torch.load(checkpoint, weights_only=True)["step"]
     again = subprocess.run(argv("stopped"), cwd=repo, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "resumed an interrupted fine-tune at step" in again.stdout, again.stderr
-    assert not (profiles["stopped"] / CHECKPOINT_NAME).exists()
+    assert again.returncode == 0, again.stderr
+    assert f"resumed an interrupted fine-tune at step {step} of its adapt phase" in again.stdout
+    assert not checkpoint.exists()
     weights = [torch.load(profiles[name] / "personal" / "weights.pt", weights_only=True) for name in profiles]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(v, weights[0][k]) for k, v in weights[1].items())

@@ -445,7 +445,8 @@ def fine_tune(model: TCN, data: PersonalData, settings: PersonalizeConfig, seed:
         raise ValueError("distill-weight > 0 needs the global model as teacher")
     rng = np.random.default_rng([seed, 2])
     torch.manual_seed(seed)
-    resume = checkpoint.load() if checkpoint is not None else None
+    phases = {"head": settings.head_warmup_steps, "adapt": settings.steps}
+    resume = checkpoint.load(model, phases) if checkpoint is not None else None
     if settings.head_warmup_steps and (resume is None or resume.phase == "head"):
         _train_steps(model, data, settings, rng, "head", settings.head_warmup_steps, False, progress,
                      checkpoint=checkpoint, phase="head", resume=resume)
