@@ -35,7 +35,7 @@ bench: $(VENV)/.installed
 real-audio: $(VENV)/.installed
 	$(VENV)/bin/fedsound data real-audio work/real-audio
 
-# rebuild the global mouth-sound bundle fedsound ships (about 45 minutes on 2 cores); prints its manifest's sha256
+# rebuild the global mouth-sound bundle fedsound ships (about 35 minutes on 2 cores); prints its manifest's sha256
 global-bundle: real-audio
 	$(VENV)/bin/fedsound bench global --real-audio work/real-audio --central --ship --workdir work \
 		--out benchmarks/personalize/results/global.json
