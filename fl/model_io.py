@@ -138,7 +138,8 @@ def _read_payload(path: Path, map_location: str | torch.device) -> dict:
     return payload
 
 
-def _check_state_dict(path: Path, model: nn.Module, state: dict) -> None:
+def check_state_dict(path: Path, model: nn.Module, state: dict) -> None:
+    """Raise :class:`ModelFileError` naming ``path`` unless ``state`` has exactly ``model``'s weights and shapes."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -181,7 +182,7 @@ def load_model(
                     f"{wanted!r} expected"
                 )
     model = build_model(config, payload["n_mels"], payload["n_classes"])
-    _check_state_dict(path, model, payload["state_dict"])
+    check_state_dict(path, model, payload["state_dict"])
     model.load_state_dict(payload["state_dict"])
     model.to(map_location)
     return model.eval(), payload["extra"]

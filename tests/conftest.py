@@ -4,8 +4,11 @@ the tests that run Flower simulations over it."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +21,7 @@ from fl.config import Config, FrontendConfig, load_config
 if TYPE_CHECKING:
     from fl.federation import RunSettings
 
+REPO = Path(__file__).resolve().parent.parent
 TINY_CLIPS = 60
 TINY_UPLOADERS = 10
 TINY_CLASSES = 5
@@ -124,3 +128,21 @@ def run_in_one_simulation(runs: Sequence[RunSettings], n_clients: int, config: C
         warnings.simplefilter("ignore")
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_clients,
                        backend_config=backend_config(config), verbose_logging=False)
+
+
+def stop_when(args: Sequence[str], ready: Callable[[], bool], signum: int, within_s: float) -> tuple[int, str]:
+    """Run ``python -m fedsound.cli ARGS`` from the repository, send it ``signum`` once ``ready()`` holds (failing
+    if it exits first or ``within_s`` passes) and return its exit status and stderr."""
+    process = subprocess.Popen([sys.executable, "-m", "fedsound.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + within_s
+        while not ready():
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    return process.returncode, stderr

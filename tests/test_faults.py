@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, stop_when
 
 from fl.config import apply_flat, load_config
 from fl.errors import ConfigError, DataError
@@ -24,7 +25,6 @@ from fl.rundir import RunDir
 from fl.store import FeatureStore
 from fl.train import train_central
 
-REPO = Path(__file__).resolve().parent.parent
 HOLD = ("import sys, time; from pathlib import Path; from fl.locks import exclusive\n"
         "with exclusive(Path(sys.argv[1]), 'test', is_dir=sys.argv[2] == 'dir'):\n"
         "    print('held', flush=True); time.sleep(600)\n")
@@ -97,20 +97,10 @@ def test_a_ray_address_that_never_answers_gives_up_after_the_timeout(tiny_store:
 def test_a_signal_stops_training_cleanly_and_the_run_resumes(tiny_store: Path, tmp_path: Path, signum: int,
                                                              status: int, word: str) -> None:
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "fedsound.cli", "train", str(tiny_store), "--epochs", "200",
-                                "--out", str(out), "--workdir", str(tmp_path / "w"), "--device", "cpu", "-q"],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "checkpoint.pt").exists():
-            assert process.poll() is None, process.communicate()[1]
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        process.send_signal(signum)
-        _, stderr = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    assert process.returncode == status and word in stderr and "Traceback" not in stderr
+    returncode, stderr = stop_when(["train", str(tiny_store), "--epochs", "200", "--out", str(out), "--workdir",
+                                    str(tmp_path / "w"), "--device", "cpu", "-q"],
+                                   (out / "checkpoint.pt").exists, signum, 120)
+    assert returncode == status and word in stderr and "Traceback" not in stderr
     RunDir(out).load_checkpoint()  # intact
     with exclusive(out, "run directory"):  # the lock went with the process
         pass
@@ -157,20 +147,10 @@ def test_ray_keeps_the_sigterm_handler_a_command_installed() -> None:
 @pytest.mark.slow
 def test_sigterm_stops_a_simulation_and_leaves_it_resumable(tiny_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "fedsound.cli", "simulate", str(tiny_store), "--rounds", "50",
-                                "--out", str(out), "--workdir", str(tmp_path / "w"), "-q"],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not RunDir(out).records():
-            assert process.poll() is None, process.communicate()[1]
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == 128 + signal.SIGTERM and "terminated" in stderr and "Traceback" not in stderr
+    returncode, stderr = stop_when(["simulate", str(tiny_store), "--rounds", "50", "--out", str(out), "--workdir",
+                                    str(tmp_path / "w"), "-q"], lambda: bool(RunDir(out).records()),
+                                   signal.SIGTERM, 180)
+    assert returncode == 128 + signal.SIGTERM and "terminated" in stderr and "Traceback" not in stderr
     assert "Warning" not in stderr  # -q: nothing but the one line (no tips from Ray)
     assert RunDir(out).load_checkpoint()["round"] >= 1  # intact: --resume continues from it
     with exclusive(out, "run directory"):  # the lock went with the process

@@ -9,13 +9,12 @@ import socket
 import stat
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import REPO, stop_when
 
 from clients.detector import bundle as bundle_module
 from clients.detector.bundle import load_bundle, write_bundle
@@ -290,7 +289,7 @@ def test_a_checkpoint_of_other_inputs_damaged_or_not_fitting_is_deleted_and_the_
     narrow = new_head_model(base, len(data.sounds), 0)  # a body of 8 channels, then the bundle's 16
     interrupted(TCN(dataclasses.replace(narrow.config, channels=8), narrow.n_mels, narrow.n_classes), settings)
     assert misfit(FineTuneCheckpoint(path, "key"), new_head_model(base, len(data.sounds), 0), settings) == (
-        f"{path}: weights do not fit the model")
+        f"{path}: weight input_proj.weight has shape (8, 64, 5), the model config needs (16, 64, 5)")
     interrupted(new_head_model(base, len(data.sounds), 0), settings, 1)  # a head-phase point, then no head phase
     assert misfit(FineTuneCheckpoint(path, "key"), new_head_model(base, len(data.sounds), 0),
                   dataclasses.replace(settings, head_warmup_steps=0)) == (
@@ -340,30 +339,24 @@ def test_sigterm_stops_fedsound_personalize_and_a_second_run_resumes_it(offline_
         shutil.rmtree(profiles[name] / "personal")
     checkpoint = profiles["stopped"] / CHECKPOINT_NAME
 
-    def argv(name: str) -> list[str]:
-        return [sys.executable, "-m", "fedsound.cli", "personalize", str(profiles[name]), "--bundle",
-                str(offline_run["bundle"]), "--config", str(config), "--workdir", str(tmp_path / "w"), "-q"]
+    def args(name: str) -> list[str]:
+        return ["personalize", str(profiles[name]), "--bundle", str(offline_run["bundle"]), "--config", str(config),
+                "--workdir", str(tmp_path / "w"), "-q"]
 
     def saved_phase() -> str | None:
         return torch.load(checkpoint, weights_only=True)["phase"] if checkpoint.exists() else None
 
-    repo = Path(__file__).resolve().parent.parent
-    subprocess.run(argv("whole"), cwd=repo, check=True, capture_output=True, timeout=600)
-    process = subprocess.Popen(argv("stopped"), cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 600
-        while saved_phase() != "adapt":  # killed within the adapt phase, after its first save (step 100 of 200)
-            assert process.poll() is None, process.communicate()[1]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == 128 + signal.SIGTERM and "terminated" in stderr and "Traceback" not in stderr
+    def fedsound(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fedsound.cli", *args(name)], cwd=REPO, capture_output=True,
+                              text=True, timeout=600)
+
+    assert fedsound("whole").returncode == 0
+    # killed within the adapt phase, after its first save (step 100 of 200)
+    returncode, stderr = stop_when(args("stopped"), lambda: saved_phase() == "adapt", signal.SIGTERM, 600)
+    assert returncode == 128 + signal.SIGTERM and "terminated" in stderr and "Traceback" not in stderr
     assert not (profiles["stopped"] / "personal").exists()
     step = torch.load(checkpoint, weights_only=True)["step"]
-    again = subprocess.run(argv("stopped"), cwd=repo, capture_output=True, text=True, timeout=600)
+    again = fedsound("stopped")
     assert again.returncode == 0, again.stderr
     assert f"resumed an interrupted fine-tune at step {step} of its adapt phase" in again.stdout
     assert not checkpoint.exists()

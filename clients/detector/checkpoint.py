@@ -25,7 +25,7 @@ import fl.frontend
 import fl.models
 from clients.detector.profile import INDEX, Profile, write_private
 from fl.config import PersonalizeConfig, to_dict
-from fl.model_io import ModelFileError, read_archive
+from fl.model_io import ModelFileError, check_state_dict, read_archive
 
 CHECKPOINT_NAME = "personalize-checkpoint.pt"
 CHECKPOINT_EVERY = 100  # fine-tune steps between saves (a few seconds of work on a laptop)
@@ -114,7 +114,7 @@ class FineTuneCheckpoint:
         return self.resumed
 
     def _misfit(self, state: Any, model: torch.nn.Module, steps: Mapping[str, int]) -> str | None:
-        """Why ``state`` cannot be resumed for ``model``, or None."""
+        """Why ``state`` cannot be resumed for ``model``, or None; weights that do not fit raise ModelFileError."""
         if not isinstance(state, dict) or state.get("key") != self.key:
             return f"{self.path}: made from other takes, global bundle, training settings, seed or code"
         phase, step, losses = state.get("phase"), state.get("step"), state.get("losses")
@@ -122,10 +122,9 @@ class FineTuneCheckpoint:
             return f"{self.path}: phase {phase!r} and step {step!r} are not a point of this fine-tune"
         if not isinstance(losses, list) or len(losses) != step:
             return f"{self.path}: {step} steps but not as many losses"
-        saved, expected = state.get("model"), model.state_dict()
-        if not isinstance(saved, dict) or saved.keys() != expected.keys() or any(
-                not isinstance(saved[k], torch.Tensor) or saved[k].shape != v.shape for k, v in expected.items()):
-            return f"{self.path}: weights do not fit the model"
+        if not isinstance(state.get("model"), dict):
+            return f"{self.path}: no weights"
+        check_state_dict(self.path, model, state["model"])
         if not (isinstance(state.get("optimizer"), dict) and isinstance(state.get("numpy_rng"), dict)
                 and isinstance(state.get("torch_rng"), torch.Tensor)
                 and isinstance(state.get("schedule"), dict) == (phase == "adapt")):
