@@ -322,7 +322,7 @@ class PersonalizeConfig:
     """Settings of on-device fine-tuning (TOML table ``[personalize]``, kebab-case keys)."""
 
     adapt: str = "all"  # "head" | "last-block" | "all"
-    steps: int = 1500
+    steps: int = 3000
     head_warmup_steps: int = 300  # steps that train the new head alone before the ``adapt`` weights (LP-FT)
     # weight of a Learning-without-Forgetting term: the global model's own head, kept frozen on the adapted body,
     # should still give the frozen global model's outputs on the training batches (0: off)
