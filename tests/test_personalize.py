@@ -817,11 +817,12 @@ LOG_MEAN_EXP = {"federated.rounds": 30, "federated.max-pooling-rounds": 0}  # lo
     ("fedavgm", {**LOG_MEAN_EXP, "federated.strategy": "fedavgm", "federated.server-momentum": 0.9}),
     ("fedadam", {**LOG_MEAN_EXP, "federated.strategy": "fedadam", "federated.server-lr": 0.01}),
     ("localsteps", {**LOG_MEAN_EXP, "train.batch-size": 16, "federated.local-epochs": 4}),
-    ("maxpool", {**LOG_MEAN_EXP, "model.pooling": "max"})])
+    ("maxpool", {**LOG_MEAN_EXP, "model.pooling": "max"}),
+    ("context650", {"model.dilations": [1, 2, 4, 8]})])
 def test_each_federation_lever_is_the_global_models_federation_with_its_one_change(lever, changes):
     """The lever configs BENCHMARKS reports differ from the global model's settings in the keys they name only (its
-    federation with log-mean-exp pooling throughout, and each lever's one change to that); they set no frontend, so
-    simulate takes the store's (the global model's lea16k)."""
+    federation with log-mean-exp pooling throughout and each lever's one change to that, or the shipped federation
+    and one change); they set no frontend, so simulate takes the store's (the global model's lea16k)."""
     from benchmarks.personalize.global_model import global_config
 
     lever_config = load_config(CONFIG_DIR.parent / "benchmarks" / "personalize" / "federation" / f"{lever}.toml")
