@@ -130,6 +130,12 @@ def run_in_one_simulation(runs: Sequence[RunSettings], n_clients: int, config: C
                        backend_config=backend_config(config), verbose_logging=False)
 
 
+def fedsound(*argv: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m fedsound.cli ARGV`` from the repository to its end, capturing its output as text."""
+    return subprocess.run([sys.executable, "-m", "fedsound.cli", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
 def stop_when(args: Sequence[str], ready: Callable[[], bool], signum: int, within_s: float) -> tuple[int, str]:
     """Run ``python -m fedsound.cli ARGS`` from the repository, send it ``signum`` once ``ready()`` holds (failing
     if it exits first or ``within_s`` passes) and return its exit status and stderr."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import REPO
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
@@ -24,7 +25,6 @@ from data_prep.mouth_sounds import background_take, enrollment_take, make_voice
 from fedsound.deploy import DeployError, join, make_certs, node_keys
 from fl.config import CONFIG_DIR, load_config
 
-REPO = Path(__file__).resolve().parent.parent
 LABELS = ["pop", "click", "hiss", "background"]
 
 

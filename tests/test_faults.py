@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, stop_when
+from conftest import REPO, fedsound, stop_when
 
 from fl.config import apply_flat, load_config
 from fl.errors import ConfigError, DataError
@@ -28,11 +28,6 @@ from fl.train import train_central
 HOLD = ("import sys, time; from pathlib import Path; from fl.locks import exclusive\n"
         "with exclusive(Path(sys.argv[1]), 'test', is_dir=sys.argv[2] == 'dir'):\n"
         "    print('held', flush=True); time.sleep(600)\n")
-
-
-def fedsound(*argv: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedsound.cli", *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_in_one_simulation, store_with_faults
+from conftest import REPO, run_in_one_simulation, store_with_faults
 from flwr.app import ArrayRecord
 from flwr.common.config import get_fused_config_from_dir
 
@@ -35,7 +35,6 @@ from fl.store import FeatureStore, with_store_frontend
 from fl.train import evaluate, new_model, train_epochs
 from server.strategy import build_strategy, restore_strategy_state, sample_partitions
 
-REPO = Path(__file__).resolve().parent.parent
 RECORD_KEYS = {"round", "mAP", "train_loss", "clients_sampled", "clients_rejected", "clients_failed",
                "train_seconds", "seconds"}
 STATEFUL = {"fedadam": ("m_t", "v_t"), "fedyogi": ("m_t", "v_t"), "fedadagrad": ("m_t", "v_t"),

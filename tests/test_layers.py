@@ -13,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO
+
 PROJECT = ("fl", "data_prep", "server", "clients", "fedsound", "configs", "benchmarks")
 # layer of a module (longest prefix wins) -> the layers it may import
 ALLOWED = {

@@ -7,14 +7,12 @@ import shutil
 import signal
 import socket
 import stat
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import REPO, stop_when
+from conftest import fedsound, stop_when
 
 from clients.detector import bundle as bundle_module
 from clients.detector.bundle import load_bundle, write_bundle
@@ -346,17 +344,13 @@ def test_sigterm_stops_fedsound_personalize_and_a_second_run_resumes_it(offline_
     def saved_phase() -> str | None:
         return torch.load(checkpoint, weights_only=True)["phase"] if checkpoint.exists() else None
 
-    def fedsound(name: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "fedsound.cli", *args(name)], cwd=REPO, capture_output=True,
-                              text=True, timeout=600)
-
-    assert fedsound("whole").returncode == 0
+    assert fedsound(*args("whole"), timeout=600).returncode == 0
     # killed within the adapt phase, after its first save (step 100 of 200)
     returncode, stderr = stop_when(args("stopped"), lambda: saved_phase() == "adapt", signal.SIGTERM, 600)
     assert returncode == 128 + signal.SIGTERM and "terminated" in stderr and "Traceback" not in stderr
     assert not (profiles["stopped"] / "personal").exists()
     step = torch.load(checkpoint, weights_only=True)["step"]
-    again = fedsound("stopped")
+    again = fedsound(*args("stopped"), timeout=600)
     assert again.returncode == 0, again.stderr
     assert f"resumed an interrupted fine-tune at step {step} of its adapt phase" in again.stdout
     assert not checkpoint.exists()

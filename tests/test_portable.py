@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import EVENT_FRONTEND
+from conftest import EVENT_FRONTEND, REPO
 
 from benchmarks.stream.bench import synthetic_event_stream
 from clients.detector.bundle import export_bundle, load_bundle
@@ -23,7 +22,6 @@ from clients.detector.torch_stream import StreamEngine, single_thread
 from fl.config import Config
 from fl.frontend import Frontend
 
-REPO = Path(__file__).resolve().parent.parent
 FRONTEND = EVENT_FRONTEND
 # What a laptop that only listens lacks: the import of any of these fails in the child process below.
 ABSENT = ("torch", "torchaudio", "flwr", "ray", "h5py", "pandas", "scipy", "sklearn", "matplotlib", "onnx", "tqdm")

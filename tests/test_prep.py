@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
+from conftest import REPO
 from fsd_tree import TreeClip, audio_path, make_clips, tone, truncate, write_fsd_tree, write_garbage
 from torch.utils.data import DataLoader
 
@@ -25,7 +26,6 @@ from fl.store import FeatureStore, PatchDataset
 
 CONFIG = FrontendConfig()
 MANIFEST_COLUMNS = ["fname", "labels", "mids", "split", "uploader", "n_segs"]
-REPO = Path(__file__).resolve().parent.parent
 
 # Bad inputs: fname -> expected reason. Their uploaders sort among the good ones, so they share a chunk.
 BAD = {

@@ -20,13 +20,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
+from conftest import REPO
 
 from fedsound.sweep import ATTEMPTS_NAME, expand_grid, run_sweep
 from fl.config import CONFIG_DIR, Config, apply_flat, load_config
 from fl.errors import ConfigError, DataError
 from fl.runtime import configure_environment
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = CONFIG_DIR / "sweep" / "tiny.toml"
 GRID_KEYS = ["federated.fraction", "federated.local-epochs"]
 
